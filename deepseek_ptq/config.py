@@ -1,0 +1,150 @@
+"""The typed config schema: Hydra validates every group file and command-line override against it,
+so an unknown key, a wrong type or an unknown choice fails before any model work."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from deepseek_ptq.model.args import ModelArgs
+
+
+class CalibMode(str, Enum):
+    topk = "topk"
+    all_experts = "all_experts"
+
+
+class DataSource(str, Enum):
+    text = "text"
+    synthetic = "synthetic"
+
+
+class AttnQuant(str, Enum):
+    fp8 = "fp8"
+    nvfp4 = "nvfp4"
+
+
+class KVCacheFormat(str, Enum):
+    fp8 = "fp8"
+    nvfp4 = "nvfp4"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class LoggerKind(str, Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+def _optional_model_arg_fields() -> list[tuple[str, Any, Any]]:
+    """Every ModelArgs field as an optional override (None: keep the model config JSON's value)."""
+    out = []
+    for f in dataclasses.fields(ModelArgs):
+        if f.name == "extra":
+            continue
+        kind = typing.get_type_hints(ModelArgs)[f.name]
+        base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
+        if typing.get_origin(kind) is typing.Literal:
+            base = str
+        out.append((f.name, Optional[base], dataclasses.field(default=None)))
+    return out
+
+
+@dataclass
+class _ModelBase:
+    name: str = MISSING
+    # A packaged config (tiny, deepseek_v3, deepseek_16b) or a path to a ModelArgs JSON; None: ckpt_dir/config.json.
+    config: Optional[str] = None
+    # Folder of model{rank}-mp{W}.safetensors; None: a seeded checkpoint generated into cache_dir on first use.
+    ckpt_dir: Optional[str] = None
+    seed: int = 0
+    cache_dir: str = "${oc.env:DEEPSEEK_PTQ_CACHE,${oc.env:HOME,.}/.cache/deepseek_ptq}"
+
+
+ModelConfig = dataclasses.make_dataclass("ModelConfig", _optional_model_arg_fields(), bases=(_ModelBase,))
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    preset: str = MISSING  # a modelopt *_CFG name
+    attn: Optional[AttnQuant] = None  # attention projections stay unquantized unless set
+    wo: Optional[bool] = None  # None: quantized for FP4 formats, as the reference does
+    kv_cache: Optional[KVCacheFormat] = None  # recorded in hf_quant_config.json for the serving engine
+    algorithm: Optional[str] = None  # None: the preset's own (max, awq_lite, ...)
+
+
+@dataclass
+class CalibConfig:
+    name: CalibMode = CalibMode.topk
+    sync: bool = True  # peer-max expert input amax after top-k calibration
+    strict: bool = False  # an enabled quantizer left without amax fails the run
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    world_size: int = 1  # model-parallel ranks in all
+    nnodes: int = 1
+    device: Device = Device.auto
+    timeout_s: float = 600.0  # bound on every collective and on start-up
+    master_port: int = 0  # 0: a free port (spawned ranks)
+
+
+@dataclass
+class DataConfig:
+    name: DataSource = DataSource.text
+    paths: List[str] = field(default_factory=list)  # files or globs; empty: the Python standard library sources
+    tokenizer: Optional[str] = None  # None: bytes for vocab 256, else ckpt_dir/tokenizer.json
+    num_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 1234
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    num_samples: int = 8  # held-out samples, never used for calibration
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerKind = LoggerKind.wandb
+    project: str = "deepseek-ptq"
+    mode: WandbMode = WandbMode.offline
+    entity: Optional[str] = None
+    group: Optional[str] = None  # None: the sweep folder for multirun, else no group
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING  # type: ignore[valid-type]
+    quant: QuantConfig = MISSING
+    calib: CalibConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log_level: str = "INFO"
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -1,0 +1,107 @@
+"""Model hyper-parameters, named exactly as DeepSeek's ``ModelArgs`` so their config JSON files load unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from deepseek_ptq.errors import UserError
+
+
+@dataclass
+class ModelArgs:
+    max_batch_size: int = 8
+    max_seq_len: int = 4096 * 4
+    dtype: Literal["bf16", "fp8"] = "bf16"
+    scale_fmt: str | None = None
+    vocab_size: int = 102400
+    dim: int = 2048
+    inter_dim: int = 10944
+    moe_inter_dim: int = 1408
+    n_layers: int = 27
+    n_dense_layers: int = 1
+    n_heads: int = 16
+    # moe
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    n_activated_experts: int = 6
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    route_scale: float = 1.0
+    # The reference code creates the selection bias only for dim == 7168; here it is explicit.
+    gate_bias: bool | None = None
+    # mla
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # yarn
+    original_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 40
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    # fields of newer releases that this runner accepts but does not model
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.gate_bias is None:
+            self.gate_bias = self.dim == 7168
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        extra = {k: v for k, v in values.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as err:
+            raise UserError(f"{source}: {err}", fix="use DeepSeek's ModelArgs field names") from err
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise UserError(f"model config {path} does not exist",
+                            fix="point model.config at a DeepSeek config JSON or model.ckpt_dir at a folder holding config.json") from err
+        except json.JSONDecodeError as err:
+            raise UserError(f"model config {path} is not valid JSON: {err}", fix="repair the file") from err
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values.update(values.pop("extra"))
+        return values
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a world size the weights cannot be split by, before any model is built."""
+        problems = []
+        if self.n_routed_experts % world_size:
+            problems.append(f"n_routed_experts={self.n_routed_experts}")
+        if self.n_heads % world_size:
+            problems.append(f"n_heads={self.n_heads}")
+        if self.vocab_size % world_size:
+            problems.append(f"vocab_size={self.vocab_size}")
+        if self.inter_dim % world_size:
+            problems.append(f"inter_dim={self.inter_dim}")
+        if (self.n_shared_experts * self.moe_inter_dim) % world_size:
+            problems.append(f"n_shared_experts*moe_inter_dim={self.n_shared_experts * self.moe_inter_dim}")
+        if problems:
+            raise UserError(f"the model cannot be split across {world_size} ranks: {', '.join(problems)} "
+                            f"not divisible by {world_size}", fix="choose a parallel option whose world size divides these")

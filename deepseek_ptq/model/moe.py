@@ -1,0 +1,114 @@
+"""Feed-forward layers: the dense MLP, the routing Gate, routed experts and the MoE layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.parallel import ColumnParallelLinear, ExpertLinear, Parallel, RowParallelLinear
+
+
+class MLP(nn.Module):
+    """Dense feed-forward (and the shared experts): tensor-parallel w1/w3 columns, w2 rows."""
+
+    def __init__(self, dim: int, inter_dim: int, par: Parallel, fp8: bool) -> None:
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, inter_dim, fp8, par)
+        self.w2 = RowParallelLinear(inter_dim, dim, fp8, par)
+        self.w3 = ColumnParallelLinear(dim, inter_dim, fp8, par)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Expert(nn.Module):
+    """One routed expert, whole on the rank that holds it."""
+
+    def __init__(self, dim: int, inter_dim: int, par: Parallel, fp8: bool) -> None:
+        super().__init__()
+        self.w1 = ExpertLinear(dim, inter_dim, fp8, par)
+        self.w2 = ExpertLinear(inter_dim, dim, fp8, par)
+        self.w3 = ExpertLinear(dim, inter_dim, fp8, par)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Top-k routing with optional selection bias and group-limited selection (replicated on every rank)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.route_scale = args.score_func, args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=torch.bfloat16), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+                     if args.gate_bias else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight)
+        scores = scores.softmax(dim=-1, dtype=torch.float32) if self.score_func == "softmax" else scores.sigmoid()
+        original_scores = scores
+        if self.bias is not None:
+            scores = scores + self.bias  # the bias steers selection only; weights use the unbiased scores
+        if self.n_groups > 1:
+            scores = scores.view(x.size(0), self.n_groups, -1)
+            group_scores = scores.amax(dim=-1) if self.bias is None else scores.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            scores = scores.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = scores.topk(self.topk, dim=-1)[1]
+        weights = original_scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).type_as(x), indices
+
+
+class MoE(nn.Module):
+    """Routed experts (this rank's slice) plus shared experts.
+
+    ``route_all_tokens_for_stats`` is the all-experts calibration mode: every local expert first sees
+    every token (its output discarded) so its quantizers see the whole distribution; the layer output
+    then comes from the ordinary top-k path, bit-identical to top-k calibration.
+    """
+
+    def __init__(self, args: ModelArgs, par: Parallel, fp8: bool) -> None:
+        super().__init__()
+        self.n_routed_experts = args.n_routed_experts
+        per_rank = par.split(args.n_routed_experts, "n_routed_experts")
+        self.experts_start, self.experts_end = par.rank * per_rank, (par.rank + 1) * per_rank
+        self.par = par
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList([
+            Expert(args.dim, args.moe_inter_dim, par, fp8) if self.experts_start <= i < self.experts_end else None
+            for i in range(args.n_routed_experts)
+        ])
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, par, fp8)
+        self.route_all_tokens_for_stats = False
+        # Routed-token counts of every expert (the gate is replicated, so every rank knows all of them).
+        self.register_buffer("token_counts", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
+
+    def local_experts(self) -> list[tuple[int, Expert]]:
+        return [(i, self.experts[i]) for i in range(self.experts_start, self.experts_end)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        self.token_counts += counts
+        if self.route_all_tokens_for_stats:
+            for _, expert in self.local_experts():
+                expert(x)
+        y = torch.zeros_like(x)
+        local_counts = counts[self.experts_start:self.experts_end].tolist()
+        for (i, expert), n in zip(self.local_experts(), local_counts):
+            if n == 0:
+                continue
+            rows, slot = torch.where(indices == i)
+            y.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        z = self.shared_experts(x)
+        self.par.all_reduce(y)
+        return (y + z).view(shape)

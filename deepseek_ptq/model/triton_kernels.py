@@ -1,0 +1,246 @@
+"""Triton kernels for DeepSeek FP8 block-scaled weights (imported only on CUDA).
+
+Format: weight [out, in] float8_e4m3fn, scale float32 [ceil(out/128), ceil(in/128)];
+real = code * scale of the code's 128x128 block. Every kernel computes exactly what
+``kernels.dequant_torch`` computes: ``code.float() * scale`` in float32, then one rounding to the
+output dtype, so results are bit-identical.
+
+Layout of the work: each program takes a tile of BM rows x NB*128 columns, viewed as a 4-D block
+[128 // VEC, NB, BM, VEC] (run index, scale block, row, code in run) so that the tile's NB scales
+are loaded once as a vector and broadcast (BM divides 128, so a tile never straddles two scale
+rows). A warp covers contiguous runs of one row; with VEC=8 each thread does 8-byte loads and
+16-byte bf16 stores in one register layout (no shared memory). Programs walk the columns fastest,
+so neighbouring programs touch neighbouring memory. Stacks of experts use the grid's second axis.
+The amax variants reduce |value| per tile (in float32, rounded once) and fold the tile maxima
+into one float32 with an integer atomic max on the float's bits (valid because the values are
+non-negative).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128
+
+# Default tiles: BM rows x NB*128 columns, run length VEC, num_warps. Chosen from
+# scripts/bench_dequant.py's sweep over the lists below on an H200 (see benchmarks/NOTES.md).
+DEFAULT_CONFIG = {"BM": 32, "NB": 4, "VEC": 8, "num_warps": 4}
+AMAX_ONLY_CONFIG = {"BM": 32, "NB": 4, "VEC": 16, "num_warps": 4}
+
+# Candidates the benchmark sweeps and the GPU tests check for exactness.
+TUNING_CONFIGS = [
+    {"BM": bm, "NB": nb, "VEC": vec, "num_warps": w}
+    for bm, nb, vec, w in [
+        (8, 4, 8, 4), (16, 2, 8, 4), (16, 4, 8, 4), (16, 8, 8, 4), (32, 1, 8, 4), (32, 2, 8, 4),
+        (32, 4, 8, 4), (32, 4, 8, 8), (32, 8, 8, 8), (64, 1, 8, 4), (64, 2, 8, 4), (64, 2, 8, 8),
+        (64, 4, 8, 8), (128, 1, 8, 8), (128, 2, 8, 8), (128, 4, 8, 8), (32, 4, 16, 4), (64, 2, 16, 8),
+    ]
+]
+AMAX_ONLY_TUNING_CONFIGS = [
+    {"BM": bm, "NB": nb, "VEC": vec, "num_warps": w}
+    for bm, nb, vec, w in [
+        (16, 4, 16, 4), (32, 4, 16, 4), (32, 8, 16, 8), (64, 4, 16, 8), (128, 2, 16, 8), (128, 4, 16, 8),
+        (32, 4, 8, 4), (64, 8, 16, 8),
+    ]
+]
+
+_TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+}
+
+
+@triton.jit
+def _fp8_dequant_kernel(
+    w_ptr, s_ptr, out_ptr, amax_ptr,
+    M, N, n_col_tiles,
+    stride_we, stride_wm,
+    stride_se, stride_sm,
+    stride_oe, stride_om,
+    BM: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    WRITE_OUT: tl.constexpr, AMAX: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    expert = tl.program_id(1).to(tl.int64)
+    tile_m = pid // n_col_tiles
+    tile_n = pid % n_col_tiles
+    r0 = tile_m * BM
+    c0 = tile_n * (NB * 128)
+
+    # Scalar 64-bit base pointers; the offsets inside the tile stay 32-bit.
+    w_base = w_ptr + expert * stride_we + r0.to(tl.int64) * stride_wm + c0
+    s_base = s_ptr + expert * stride_se + (r0 // 128).to(tl.int64) * stride_sm + tile_n * NB
+
+    # 4-D tile [128 // VEC, NB, BM, VEC]: each 128-column scale block split into runs of VEC
+    # contiguous codes. Triton orders a blocked layout's dimensions by contiguity, ties going to
+    # the lower index, so after the run (dim 3) come the run index (dim 0), then the scale block
+    # (dim 1), then the row (dim 2): neighbouring threads take neighbouring runs of one row, and a
+    # warp covers 256 (VEC=8) or 512 (VEC=16) contiguous codes. (With rows before runs, a warp
+    # touched 32 rows at 8 bytes each and ran 2.5x slower.) With VEC=8 the fp8 load and the bf16
+    # store get one layout (8 elements a thread: 8-byte loads, 16-byte stores), so no
+    # shared-memory layout conversion sits between them; the amax-only kernel, which stores
+    # nothing, can use VEC=16 (16-byte loads).
+    offs_v = tl.arange(0, 128 // VEC)[:, None, None, None]
+    offs_b = tl.arange(0, NB)[None, :, None, None]
+    offs_r = tl.arange(0, BM)[None, None, :, None]
+    offs_e = tl.arange(0, VEC)[None, None, None, :]
+    col = offs_b * 128 + offs_v * VEC + offs_e  # [128 // VEC, NB, 1, VEC], column inside the tile
+
+    w_offs = offs_r * stride_wm + col
+    sb = tl.arange(0, NB)
+    if EVEN_N:
+        s = tl.load(s_base + sb)
+    else:
+        s = tl.load(s_base + sb, mask=(c0 + sb * 128) < N, other=0.0)
+    s = s[None, :, None, None]  # [1, NB, 1, 1]
+
+    if EVEN_M and EVEN_N:
+        w = tl.load(w_base + w_offs)
+    else:
+        mask = ((r0 + offs_r) < M) & ((c0 + col) < N)
+        w = tl.load(w_base + w_offs, mask=mask, other=0.0)
+
+    y = w.to(tl.float32) * s  # same float32 product as the torch reference
+
+    if WRITE_OUT:
+        o_base = out_ptr + expert * stride_oe + r0.to(tl.int64) * stride_om + c0
+        o_offs = offs_r * stride_om + col
+        if EVEN_M and EVEN_N:
+            tl.store(o_base + o_offs, y.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(o_base + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    if AMAX:
+        # Max of |y| in float32, rounded once at the end: round-to-nearest-even is monotone and
+        # odd, so round(max|y|) == max|round(y)|, the amax of the values as stored.
+        tile_max = tl.max(tl.max(tl.max(tl.max(tl.abs(y), axis=3), axis=2), axis=1), axis=0)
+        if WRITE_OUT:
+            tile_max = tile_max.to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            tile_max = tile_max.to(ROUND_DTYPE).to(tl.float32)
+        # Non-negative floats order like their int32 bit patterns (NaN bits sort above inf).
+        tl.atomic_max(amax_ptr, tile_max.to(tl.int32, bitcast=True), sem="relaxed")
+
+
+def _check(weight: torch.Tensor, scale: torch.Tensor, batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    nd = 3 if batched else 2
+    if weight.dim() != nd or scale.dim() != nd:
+        raise ValueError(f"expected {nd}-D weight and scale, got {tuple(weight.shape)} and {tuple(scale.shape)}")
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"weight must be float8_e4m3fn, got {weight.dtype}")
+    if not weight.is_cuda or scale.device != weight.device:
+        raise ValueError("weight and scale must be on the same CUDA device")
+    out_f, in_f = weight.shape[-2:]
+    want = (-(-out_f // BLOCK), -(-in_f // BLOCK))
+    if tuple(scale.shape[-2:]) != want or (batched and scale.shape[0] != weight.shape[0]):
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(weight.shape)}")
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if scale.dtype != torch.float32:
+        scale = scale.float()  # exact: the reference multiplies in float32 too
+    if scale.stride(-1) != 1:
+        scale = scale.contiguous()
+    return weight, scale
+
+
+def _launch(weight, scale, out, amax, *, write_out, want_amax, round_dtype, config):
+    """weight/scale/out are 3-D [E, M, N] views. Returns the compiled kernel (None if nothing ran)."""
+    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    bm, nb, vec, warps = cfg["BM"], cfg["NB"], cfg.get("VEC", 8), cfg["num_warps"]
+    if BLOCK % bm:
+        raise ValueError("BM must divide 128")
+    num_e, m, n = weight.shape
+    if num_e == 0 or m == 0 or n == 0:
+        return None
+    tile_n = nb * BLOCK
+    n_col_tiles = triton.cdiv(n, tile_n)
+    n_row_tiles = triton.cdiv(m, bm)
+    if num_e > 65535:
+        raise ValueError("at most 65535 experts per launch")
+    grid = (n_row_tiles * n_col_tiles, num_e)
+    out_arg = out if out is not None else weight  # unused when WRITE_OUT is false
+    return _fp8_dequant_kernel[grid](
+        weight, scale, out_arg, amax if amax is not None else scale,
+        m, n, n_col_tiles,
+        weight.stride(0), weight.stride(1),
+        scale.stride(0), scale.stride(1),
+        out_arg.stride(0), out_arg.stride(1),
+        BM=bm, NB=nb, VEC=vec,
+        EVEN_M=(m % bm == 0), EVEN_N=(n % tile_n == 0),
+        WRITE_OUT=write_out, AMAX=want_amax, ROUND_DTYPE=round_dtype,
+        num_warps=warps,
+    )
+
+
+def _new_out(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"unsupported output dtype {dtype}")
+    if out is None:
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if out.shape != weight.shape or out.dtype != dtype or out.device != weight.device or out.stride(-1) != 1:
+        raise ValueError("out must match weight's shape, the dtype, the device and have unit last stride")
+    return out
+
+
+def _amax_buffer(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _amax_value(buf: torch.Tensor) -> torch.Tensor:
+    return buf.view(torch.float32).reshape(())
+
+
+def fp8_block_dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Dequantize a [out, in] FP8 weight with its block scales; bit-identical to ``dequant_torch``."""
+    weight, scale = _check(weight, scale, batched=False)
+    out = _new_out(weight, dtype, out)
+    _launch(weight[None], scale[None], out[None], None, write_out=True, want_amax=False,
+            round_dtype=tl.float32, config=config)
+    return out
+
+
+def fp8_block_dequant_amax(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                           out: torch.Tensor | None = None,
+                           config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize and return (weight in ``dtype``, max |weight| as a float32 0-dim tensor) in one pass.
+
+    The amax is taken over the values as rounded to ``dtype``, i.e. it equals
+    ``dequant_torch(weight, scale, dtype).float().abs().max()``.
+    """
+    weight, scale = _check(weight, scale, batched=False)
+    out = _new_out(weight, dtype, out)
+    buf = _amax_buffer(weight.device)
+    _launch(weight[None], scale[None], out[None], buf, write_out=True, want_amax=True,
+            round_dtype=tl.float32, config=config)
+    return out, _amax_value(buf)
+
+
+def fp8_block_amax(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, *,
+                   config: dict | None = None) -> torch.Tensor:
+    """max |code * scale| without writing the dequantized weight (reads 1 byte per element).
+
+    With the default ``dtype=float32`` this is the exact max of the real weight; with another dtype
+    it is the max of the values as rounded to that dtype (what ``fp8_block_dequant_amax`` returns).
+    """
+    weight, scale = _check(weight, scale, batched=False)
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}")
+    buf = _amax_buffer(weight.device)
+    _launch(weight[None], scale[None], None, buf, write_out=False, want_amax=True,
+            round_dtype=_TL_DTYPES[dtype], config=config if config is not None else AMAX_ONLY_CONFIG)
+    return _amax_value(buf)
+
+
+def batched_fp8_block_dequant(weights: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                              out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Dequantize a stack of experts [E, out, in] with scales [E, ceil(out/128), ceil(in/128)] in one launch."""
+    weights, scales = _check(weights, scales, batched=True)
+    out = _new_out(weights, dtype, out)
+    _launch(weights, scales, out, None, write_out=True, want_amax=False,
+            round_dtype=tl.float32, config=config)
+    return out
