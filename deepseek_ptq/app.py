@@ -1,0 +1,77 @@
+"""The Hydra app: compose and validate the config, prepare the run directory, run the ranks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from deepseek_ptq import rundir
+from deepseek_ptq.config import register_schema
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.launch import RankFailed, joined_rank, rank_main, spawn
+
+log = logging.getLogger("deepseek_ptq")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+if not CONF_DIR.is_dir():  # installed without the source tree: the configs ship inside the package
+    CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _config_summary(cfg: Any) -> dict[str, Any]:
+    return {"world_size": cfg.parallel.world_size, "calib": cfg.calib.name.value, "quant": cfg.quant.name,
+            "model": cfg.model.name, "ckpt_dir": cfg.model.ckpt_dir}
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> None:
+    """Run one job in ``run_dir``; raises after recording ``status: failed`` on any error."""
+    joined = joined_rank()
+    rank = joined.rank if joined else 0
+    if rank == 0:
+        rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
+    world_size = cfg.parallel.world_size
+    if joined is not None:
+        if joined.world_size != world_size:
+            err = UserError(f"parallel={cfg.parallel.name} asks for {world_size} ranks but the launcher started "
+                            f"{joined.world_size}", fix=f"start {world_size} ranks or pick the matching parallel option")
+            if rank == 0:
+                rundir.setup_logging(run_dir, 0)
+                rundir.mark_failed(run_dir, err, rank)
+            raise err
+        rank_main(cfg, run_dir if rank == 0 else None, rank, world_size, joined.local_rank, "env://")
+    elif world_size == 1:
+        rank_main(cfg, run_dir, 0, 1, 0, "")
+    else:
+        rundir.setup_logging(run_dir, 0, cfg.log_level)
+        log.info("spawning %d ranks", world_size)
+        spawn(cfg, run_dir)
+        rundir.setup_logging(run_dir, 0, cfg.log_level)
+
+
+register_schema()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    start = time.perf_counter()
+    try:
+        execute(cfg, run_dir)
+    except (UserError, RankFailed) as err:
+        logging.getLogger("deepseek_ptq").error("%s", err)
+        rundir.mark_failed(run_dir, err)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            return  # one failed job must not stop the sweep; its metrics.json says failed
+        sys.exit(1)
+    except BaseException as err:
+        rundir.mark_failed(run_dir, err)
+        if HydraConfig.get().mode.name == "MULTIRUN" and isinstance(err, Exception):
+            logging.getLogger("deepseek_ptq").exception("job failed")
+            return
+        raise
+    print(f"deepseek-ptq: done in {time.perf_counter() - start:.1f} s -> {run_dir}", file=sys.stderr)

@@ -1,0 +1,148 @@
+"""One rank's run: model shard -> calibration -> fixup -> outputs (rank 0 writes what is shared)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from deepseek_ptq import rundir
+from deepseek_ptq.data import make_batches
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
+from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.outputs import (gather_to_all, natural_key, quantizer_lines, save_amax, unquantized_linears,
+                                  write_quant_summary)
+from deepseek_ptq.quant.calibrate import calibrate
+from deepseek_ptq.quant.fixup import fixup, has_amax, missing_amax
+from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
+from modelopt.torch.quantization.nn import TensorQuantizer
+
+log = logging.getLogger(__name__)
+
+
+def _amax_table(model: torch.nn.Module) -> dict[str, float]:
+    """Max of each quantizer's amax (scalar for per-tensor formats)."""
+    return {n: float(m.amax.float().max()) for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and has_amax(m)}
+
+
+def _value(enum_or_str: Any) -> Any:
+    return getattr(enum_or_str, "value", enum_or_str)
+
+
+def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> None:
+    t_start = time.perf_counter()
+    rank0, progress = par.rank == 0, par.rank == 0
+    args = resolve_args(cfg.model)
+    args.check_world_size(par.world_size)
+    t0 = time.perf_counter()
+    ckpt = checkpoint_dir(cfg.model, args, par.world_size)
+    model = build_model(args, ckpt, par, device, progress)
+    t_load = time.perf_counter() - t0
+    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if cfg.eval.enabled else 0)
+    mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
+    all_experts = _value(cfg.calib.name) == "all_experts"
+    t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress)
+    before = _amax_table(model)
+    report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
+    after = _amax_table(model)
+    missing = missing_amax(model)
+    save_amax(model, run_dir, par.rank, par.world_size)
+
+    counts = {f"layers.{i}": moe.token_counts.tolist() for i, moe in model.moe_layers()}
+    local = {"summary": quantizer_lines(model), "before": before, "after": after, "sources": report.sources,
+             "missing": missing, "unquantized": unquantized_linears(model), "synced": report.synced_input_amax,
+             "filled": report.filled_weight_amax, "fixup_s": report.seconds, "collectives": report.collectives,
+             "no_amax_layers": report.layers_without_expert_input_amax}
+    gathered = gather_to_all(local, par.world_size)
+    if not rank0:
+        return
+    n_quantizers = write_quant_summary([g["summary"] for g in gathered], run_dir)
+    missing_all = sorted({m for g in gathered for m in g["missing"]}, key=natural_key)
+    uncalibrated = [(layer, e) for layer, c in counts.items() for e, n in enumerate(c) if n == 0]
+    _write_stats(run_dir, gathered, counts)
+    _write_hf_quant_config(run_dir, cfg, args, sorted({u for g in gathered for u in g["unquantized"]}, key=natural_key))
+    if missing_all:
+        log.warning("%d enabled quantizers have no amax after the fixup: %s", len(missing_all), ", ".join(missing_all[:10]))
+    no_amax_layers = sorted({x for g in gathered for x in g["no_amax_layers"]}, key=natural_key)
+    for layer in no_amax_layers:
+        log.warning("no rank calibrated any expert input of %s: left without amax", layer)
+    if cfg.calib.strict and (missing_all or no_amax_layers):
+        raise UserError(f"{len(missing_all)} enabled quantizers have no amax after calibration "
+                        f"(first: {', '.join(missing_all[:5])})",
+                        fix="calibrate on more data (data.num_samples, data.seq_len) or set calib.strict=false")
+    tokens = batches.calib_tokens
+    metrics = rundir.read_metrics(run_dir)
+    metrics.update({
+        "status": "ok",
+        "world_size": par.world_size,
+        "calib": _value(cfg.calib.name),
+        "calib_sync": cfg.calib.sync,
+        "quant": cfg.quant.name,
+        "quant_preset": cfg.quant.preset,
+        "model": cfg.model.name,
+        "ckpt_dir": str(ckpt),
+        "device": str(device),
+        "timings_s": {"load": t_load, "calibrate": t_calib, "fixup": max(g["fixup_s"] for g in gathered),
+                      "total": time.perf_counter() - t_start},
+        "tokens_calibrated": tokens,
+        "calib_tokens_per_s": tokens / t_calib if t_calib > 0 else None,
+        "counts": {"quantizers": n_quantizers,
+                   "synced_input_amax": sum(g["synced"] for g in gathered),
+                   "filled_weight_amax": sum(g["filled"] for g in gathered),
+                   "uncalibrated_experts": len(uncalibrated),
+                   "missing_amax": len(missing_all),
+                   "fixup_collectives": max(g["collectives"] for g in gathered)},
+        "missing_amax": missing_all,
+        "layers_without_expert_input_amax": no_amax_layers,
+    })
+    rundir.write_metrics(run_dir, metrics)
+    log.info("run directory %s: %d quantizers, %d synced expert input amax, %d experts without tokens, "
+             "calibration %.1f s (%.0f tokens/s)", run_dir, n_quantizers, metrics["counts"]["synced_input_amax"],
+             len(uncalibrated), t_calib, metrics["calib_tokens_per_s"] or 0)
+
+
+def _write_stats(run_dir: Path, gathered: list[dict[str, Any]], counts: dict[str, list[int]]) -> None:
+    stats = run_dir / "stats"
+    stats.mkdir(exist_ok=True)
+    rows = {}
+    for rank, g in enumerate(gathered):
+        for name in set(g["before"]) | set(g["after"]) | set(g["summary"]):
+            rows.setdefault(name, (rank, g["before"].get(name), g["after"].get(name),
+                                   g["sources"].get(name, "calibrated" if name in g["before"] else "missing")))
+    with open(stats / "amax.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["quantizer", "rank", "amax_before", "amax_after", "source"])
+        for name in sorted(rows, key=natural_key):
+            writer.writerow([name, *rows[name]])
+    with open(stats / "expert_tokens.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "expert", "tokens"])
+        for layer, c in counts.items():
+            writer.writerows([layer, e, n] for e, n in enumerate(c))
+
+
+def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[str]) -> None:
+    import modelopt
+
+    kv = _value(cfg.quant.kv_cache)
+    preset = cfg.quant.preset
+    quantization: dict[str, Any] = {"quant_algo": hf_algo_name(preset),
+                                    "kv_cache_quant_algo": kv.upper() if kv else None,
+                                    # the multi-token-prediction layer is not part of the calibrated model
+                                    "exclude_modules": excluded + [f"layers.{args.n_layers}*"]}
+    if "FP4" in preset.upper():
+        quantization["group_size"] = 16
+    elif "AWQ" in preset.upper() or "INT4" in preset.upper():
+        quantization["group_size"] = 128
+    rundir.write_json(run_dir / "hf_quant_config.json", {
+        "producer": {"name": "modelopt", "version": modelopt.__version__, "runner": "deepseek-ptq"},
+        "quantization": quantization,
+        "config": OmegaConf.to_container(cfg.quant, resolve=True, enum_to_str=True),
+    })

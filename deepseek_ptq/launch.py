@@ -1,0 +1,123 @@
+"""Ranks and process groups: spawn W local ranks, or join the ranks torchrun / srun started.
+
+A rank that raises records the failure (metrics.json "failed", its traceback in its log) and exits
+non-zero; the spawner or torchrun then ends the others. Every collective is bounded by parallel.timeout_s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from deepseek_ptq import rundir
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.model.parallel import Parallel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JoinedRank:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def joined_rank() -> JoinedRank | None:
+    """The rank this process was started as by torchrun or srun, or None when run by hand."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return JoinedRank(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return JoinedRank(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return None
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("parallel.device=cuda but no CUDA device is visible", fix="use parallel.device=cpu or auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def _init_group(device: torch.device, rank: int, world_size: int, timeout_s: float, init_method: str) -> None:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_rank: int, init_method: str) -> None:
+    """Everything one rank does, with its failure recorded before it leaves.
+
+    ``run_dir`` None: a joined rank other than 0, which takes global rank 0's run directory.
+    """
+    from deepseek_ptq.job import run_rank
+
+    try:
+        device = pick_device(_value(cfg.parallel.device), local_rank)
+        if world_size > 1:
+            _init_group(device, rank, world_size, cfg.parallel.timeout_s, init_method)
+            shared = [str(run_dir) if rank == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            run_dir = Path(shared[0])
+        assert run_dir is not None
+        rundir.setup_logging(run_dir, rank, cfg.log_level)
+        run_rank(cfg, run_dir, Parallel(rank, world_size, None), device)
+    except BaseException as err:
+        log.error("rank %d failed: %s\n%s", rank, err, traceback.format_exc())
+        if run_dir is not None:
+            rundir.mark_failed(run_dir, err, rank)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawned(local_rank: int, cfg_yaml: str, run_dir: str, world_size: int, init_method: str) -> None:
+    cfg = OmegaConf.create(cfg_yaml)
+    rank_main(cfg, Path(run_dir), local_rank, world_size, local_rank, init_method)
+
+
+def spawn(cfg: Any, run_dir: Path) -> None:
+    """Start parallel.world_size local ranks and wait; any rank's failure ends them all."""
+    world_size = cfg.parallel.world_size
+    init_method = f"tcp://127.0.0.1:{cfg.parallel.master_port or _free_port()}"
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    try:
+        mp.start_processes(_spawned, args=(cfg_yaml, str(run_dir), world_size, init_method), nprocs=world_size,
+                           join=True, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        failed = rundir.read_metrics(run_dir)
+        raise RankFailed(failed.get("failed_rank", err.error_index), failed.get("error", str(err))) from None
+    except mp.ProcessExitedException as err:
+        rundir.mark_failed(run_dir, f"rank {err.error_index} exited with code {err.exit_code}", err.error_index)
+        raise RankFailed(err.error_index, f"exited with code {err.exit_code}") from None
+
+
+class RankFailed(RuntimeError):
+    def __init__(self, rank: int, error: str) -> None:
+        self.rank, self.error = rank, error
+        super().__init__(f"rank {rank} failed: {error}")
