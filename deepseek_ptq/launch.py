@@ -78,6 +78,9 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
 
     try:
         device = pick_device(_value(cfg.parallel.device), local_rank)
+        if device.type == "cpu" and joined_rank() is None and world_size > 1:
+            # Local CPU ranks share the cores: oversubscribed threads make every rank slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if world_size > 1:
             _init_group(device, rank, world_size, cfg.parallel.timeout_s, init_method)
             shared = [str(run_dir) if rank == 0 else None]

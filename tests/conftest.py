@@ -1,0 +1,48 @@
+"""Shared fixtures: compose configs with Hydra's compose API and run jobs in-process (world size 1)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from deepseek_ptq.app import CONF_DIR  # noqa: E402  (registers the schema)
+
+FAST = ["data.num_samples=8", "data.seq_len=64", "data.batch_size=4", "logger=none", "eval.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["DEEPSEEK_PTQ_CACHE"] = str(path)
+    return path
+
+
+def make_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_job(tmp_path: Path, overrides: list[str]) -> Path:
+    """Run one job in-process; returns its run directory."""
+    from deepseek_ptq.app import execute
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    execute(make_cfg(FAST + overrides), run_dir)
+    return run_dir
+
+
+def load_amax(run_dir: Path) -> dict[str, torch.Tensor]:
+    merged: dict[str, torch.Tensor] = {}
+    for path in sorted((run_dir / "amax").glob("amax_dict_rank*-mp*.pt")):
+        merged.update(torch.load(path))
+    return merged
