@@ -36,7 +36,8 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        data = text.encode("utf-8")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.empty(0, dtype=torch.int64)
 
 
 def _tokenizer(tokenizer_path: str | None, ckpt_dir: str | None, vocab_size: int):
