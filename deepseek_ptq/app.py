@@ -74,4 +74,6 @@ def main(cfg: DictConfig) -> None:
             logging.getLogger("deepseek_ptq").exception("job failed")
             return
         raise
-    print(f"deepseek-ptq: done in {time.perf_counter() - start:.1f} s -> {run_dir}", file=sys.stderr)
+    joined = joined_rank()
+    if joined is None or joined.rank == 0:
+        print(f"deepseek-ptq: done in {time.perf_counter() - start:.1f} s -> {run_dir}", file=sys.stderr)

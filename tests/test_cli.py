@@ -21,6 +21,14 @@ from deepseek_ptq.model.load import PACKAGED
 TINY = ModelArgs.from_json(PACKAGED / "tiny.json")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli(run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *FAST, *overrides],
@@ -134,3 +142,43 @@ def test_rank_failure_ends_the_job_with_its_error(tmp_path, cache_dir, mp2_ckpt)
     assert time.time() - start < 90
     assert_failed(result, tmp_path / "run", "layers.2.ffn.experts.12.w1")
     assert metrics(tmp_path / "run")["failed_rank"] == 1
+
+
+def test_short_calibration_leaves_experts_without_tokens_and_still_syncs(tmp_path, cache_dir):
+    short = ["data.num_samples=1", "data.seq_len=4", "data.batch_size=1"]
+    single, mp4 = tmp_path / "mp1", tmp_path / "mp4"
+    assert cli(single, *short).returncode == 0
+    result = cli(mp4, *short, "parallel=mp4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m1, m4 = metrics(single), metrics(mp4)
+    assert m4["status"] == "ok" and m4["counts"]["uncalibrated_experts"] > 0
+    assert m4["counts"]["uncalibrated_experts"] == m1["counts"]["uncalibrated_experts"]
+    a1, a4 = load_amax(single), load_amax(mp4)
+    assert a1.keys() == a4.keys()
+    synced = [k for k in a1 if ".experts." in k and "input_quantizer" in k]
+    assert len(synced) == 3 * 3 * 16
+    for key in synced:  # every expert, with or without tokens, carries its layer's max
+        assert torch.allclose(a1[key].float(), a4[key].float(), rtol=5e-2), key
+
+
+def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "deepseek_ptq",
+                             f"hydra.run.dir={run_dir}", *FAST, "parallel=mp2"],
+                            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(run_dir)["status"] == "ok" and metrics(run_dir)["world_size"] == 2
+    assert sorted(p.name for p in (run_dir / "amax").iterdir()) == ["amax_dict_rank0-mp2.pt", "amax_dict_rank1-mp2.pt"]
+    assert (run_dir / "rank1.log").exists() and not list(tmp_path.glob("outputs"))
+
+
+def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run_dir = tmp_path / "run"
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "deepseek_ptq",
+                             f"hydra.run.dir={run_dir}", *FAST, "parallel=mp4"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert metrics(run_dir)["status"] == "failed" and "4 ranks" in metrics(run_dir)["error"]
