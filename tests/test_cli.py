@@ -182,3 +182,21 @@ def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert metrics(run_dir)["status"] == "failed" and "4 ranks" in metrics(run_dir)["error"]
+
+
+def test_strict_fails_when_experts_keep_no_amax(tmp_path, cache_dir):
+    short = ["data.num_samples=1", "data.seq_len=4", "data.batch_size=1", "calib.sync=false"]
+    lenient = cli(tmp_path / "a", *short)
+    assert lenient.returncode == 0 and metrics(tmp_path / "a")["counts"]["missing_amax"] > 0
+    assert "input_quantizer" in metrics(tmp_path / "a")["missing_amax"][0]
+    assert_failed(cli(tmp_path / "b", *short, "calib.strict=true"), tmp_path / "b", "no amax")
+
+
+def test_overflowing_activations_name_the_module(tmp_path, cache_dir):
+    ckpt = tmp_path / "ckpt"
+    state = random_full_state(TINY, 0)
+    state["layers.1.attn_norm.weight"].fill_(3e38)  # finite weight, but activations overflow to inf
+    write_shards(state, TINY, ckpt, 1)
+    (ckpt / "config.json").write_text(json.dumps(TINY.to_dict()))
+    result = cli(tmp_path / "run", f"model.ckpt_dir={ckpt}", "model.config=null")
+    assert_failed(result, tmp_path / "run", "non-finite activations", "layers.1")

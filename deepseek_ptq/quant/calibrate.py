@@ -51,6 +51,14 @@ def first_non_finite_module(model: nn.Module, tokens: torch.Tensor) -> str:
     return found[0] if found else "(not reproducible)"
 
 
+def _stop_statistics(model: nn.Module) -> None:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for module in model.modules():
+        if isinstance(module, TensorQuantizer):
+            module.disable_calib()
+
+
 def set_all_experts_mode(model: nn.Module, on: bool) -> None:
     for _, moe in model.moe_layers():
         moe.route_all_tokens_for_stats = on
@@ -91,9 +99,15 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         try:
             for tokens in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
                 tokens = tokens.to(device)
-                hidden = m(tokens, logits=False)
-                if not torch.isfinite(hidden).all():
+                try:
+                    finite = bool(torch.isfinite(m(tokens, logits=False)).all())
+                except (RuntimeError, AssertionError) as err:
+                    if "nan" not in str(err).lower():
+                        raise
+                    finite = False  # modelopt's calibrator refused a NaN amax: name the module below
+                if not finite:
                     set_all_experts_mode(m, False)
+                    _stop_statistics(m)
                     raise UserError(f"non-finite activations during calibration, first at {first_non_finite_module(m, tokens)}",
                                     fix="check the checkpoint and the compute dtype (model activations overflow)")
         finally:
