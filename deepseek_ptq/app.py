@@ -13,18 +13,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deepseek_ptq import rundir
-from deepseek_ptq.config import register_schema
+from deepseek_ptq.config import choice, register_schema
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.launch import RankFailed, joined_rank, rank_main, spawn
 
 log = logging.getLogger("deepseek_ptq")
+# The config groups live beside the package in the source tree (an editable install, as README says).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-if not CONF_DIR.is_dir():  # installed without the source tree: the configs ship inside the package
-    CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _config_summary(cfg: Any) -> dict[str, Any]:
-    return {"world_size": cfg.parallel.world_size, "calib": cfg.calib.name.value, "quant": cfg.quant.name,
+    return {"world_size": cfg.parallel.world_size, "calib": choice(cfg.calib.name), "quant": cfg.quant.name,
             "model": cfg.model.name, "ckpt_dir": cfg.model.ckpt_dir}
 
 

@@ -52,6 +52,11 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+def choice(value: Any) -> Any:
+    """The plain string of an enum choice: a spawned rank rebuilds its config from YAML, where enums are strings."""
+    return getattr(value, "value", value)
+
+
 def _optional_model_arg_fields() -> list[tuple[str, Any, Any]]:
     """Every ModelArgs field as an optional override (None: keep the model config JSON's value)."""
     out = []

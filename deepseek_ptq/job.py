@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from deepseek_ptq import rundir
+from deepseek_ptq.config import choice
 from deepseek_ptq.data import make_batches
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
@@ -32,23 +33,19 @@ def _amax_table(model: torch.nn.Module) -> dict[str, float]:
             if isinstance(m, TensorQuantizer) and has_amax(m)}
 
 
-def _value(enum_or_str: Any) -> Any:
-    return getattr(enum_or_str, "value", enum_or_str)
-
-
 def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> None:
     t_start = time.perf_counter()
-    rank0, progress = par.rank == 0, par.rank == 0
+    rank0 = par.rank == 0
     args = resolve_args(cfg.model)
     args.check_world_size(par.world_size)
     t0 = time.perf_counter()
     ckpt = checkpoint_dir(cfg.model, args, par.world_size)
-    model = build_model(args, ckpt, par, device, progress)
+    model = build_model(args, ckpt, par, device, progress=rank0)
     t_load = time.perf_counter() - t0
     batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if cfg.eval.enabled else 0)
     mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
-    all_experts = _value(cfg.calib.name) == "all_experts"
-    t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress)
+    all_experts = choice(cfg.calib.name) == "all_experts"
+    t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress=rank0)
     before = _amax_table(model)
     report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
     after = _amax_table(model)
@@ -82,7 +79,7 @@ def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> No
     metrics.update({
         "status": "ok",
         "world_size": par.world_size,
-        "calib": _value(cfg.calib.name),
+        "calib": choice(cfg.calib.name),
         "calib_sync": cfg.calib.sync,
         "quant": cfg.quant.name,
         "quant_preset": cfg.quant.preset,
@@ -113,9 +110,11 @@ def _write_stats(run_dir: Path, gathered: list[dict[str, Any]], counts: dict[str
     stats.mkdir(exist_ok=True)
     rows = {}
     for rank, g in enumerate(gathered):
+        missing = set(g["missing"])
         for name in set(g["before"]) | set(g["after"]) | set(g["summary"]):
+            unset = "missing" if name in missing else "disabled"
             rows.setdefault(name, (rank, g["before"].get(name), g["after"].get(name),
-                                   g["sources"].get(name, "calibrated" if name in g["before"] else "missing")))
+                                   g["sources"].get(name, "calibrated" if name in g["before"] else unset)))
     with open(stats / "amax.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["quantizer", "rank", "amax_before", "amax_after", "source"])
@@ -131,7 +130,7 @@ def _write_stats(run_dir: Path, gathered: list[dict[str, Any]], counts: dict[str
 def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[str]) -> None:
     import modelopt
 
-    kv = _value(cfg.quant.kv_cache)
+    kv = choice(cfg.quant.kv_cache)
     preset = cfg.quant.preset
     quantization: dict[str, Any] = {"quant_algo": hf_algo_name(preset),
                                     "kv_cache_quant_algo": kv.upper() if kv else None,

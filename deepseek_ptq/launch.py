@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from deepseek_ptq import rundir
+from deepseek_ptq.config import choice
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Parallel
 
@@ -53,14 +54,10 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
 
 
 def _init_group(device: torch.device, rank: int, world_size: int, timeout_s: float, init_method: str) -> None:
@@ -77,7 +74,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
     from deepseek_ptq.job import run_rank
 
     try:
-        device = pick_device(_value(cfg.parallel.device), local_rank)
+        device = pick_device(choice(cfg.parallel.device), local_rank)
         if device.type == "cpu" and joined_rank() is None and world_size > 1:
             # Local CPU ranks share the cores: oversubscribed threads make every rank slower.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -107,7 +104,7 @@ def _spawned(local_rank: int, cfg_yaml: str, run_dir: str, world_size: int, init
 def spawn(cfg: Any, run_dir: Path) -> None:
     """Start parallel.world_size local ranks and wait; any rank's failure ends them all."""
     world_size = cfg.parallel.world_size
-    init_method = f"tcp://127.0.0.1:{cfg.parallel.master_port or _free_port()}"
+    init_method = f"tcp://127.0.0.1:{cfg.parallel.master_port or free_port()}"
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
         mp.start_processes(_spawned, args=(cfg_yaml, str(run_dir), world_size, init_method), nprocs=world_size,

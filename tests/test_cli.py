@@ -13,20 +13,13 @@ import pytest
 import torch
 
 from conftest import FAST, load_amax
+from deepseek_ptq.launch import free_port
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import write_shards
 from deepseek_ptq.model.generate import random_full_state
 from deepseek_ptq.model.load import PACKAGED
 
 TINY = ModelArgs.from_json(PACKAGED / "tiny.json")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -165,7 +158,7 @@ def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "deepseek_ptq",
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "deepseek_ptq",
                              f"hydra.run.dir={run_dir}", *FAST, "parallel=mp2"],
                             capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -177,7 +170,7 @@ def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
 def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
     run_dir = tmp_path / "run"
-    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "deepseek_ptq",
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "deepseek_ptq",
                              f"hydra.run.dir={run_dir}", *FAST, "parallel=mp4"],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from deepseek_ptq.config import choice
 from deepseek_ptq.errors import UserError
 
 _FP8_PER_TENSOR = {"num_bits": (4, 3), "axis": None}
@@ -54,7 +55,7 @@ def build_quant_config(quant_cfg: Any, on_cpu: bool) -> dict[str, Any]:
         {"quantizer_name": "*head*", "enable": False},
         {"quantizer_name": "*attn.*", "enable": False},
     ]
-    attn = getattr(quant_cfg.attn, "value", quant_cfg.attn)
+    attn = choice(quant_cfg.attn)
     if attn == "fp8":
         rules += [{"quantizer_name": f"*attn.*{q}_quantizer", "cfg": dict(_FP8_PER_TENSOR)} for q in ("weight", "input")]
     elif attn == "nvfp4":
