@@ -125,8 +125,16 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = True
+    # Fake-quantized vs unquantized model on held-out data. None: on for the tiny models, off for the
+    # others (a 671B evaluation is a choice, not a default).
+    enabled: Optional[bool] = None
     num_samples: int = 8  # held-out samples, never used for calibration
+
+
+def eval_enabled(cfg: Any) -> bool:
+    if cfg.eval.enabled is not None:
+        return bool(cfg.eval.enabled)
+    return cfg.model.name in ("tiny", "tiny_random")
 
 
 @dataclass

@@ -24,6 +24,7 @@ HELDOUT_PERCENT = 10
 class Batches:
     calib: list[torch.Tensor]  # [batch, seq_len] int64 each
     heldout: list[torch.Tensor]
+    byte_level: bool = False  # token = byte: cross-entropy reads as bits per byte
 
     @property
     def calib_tokens(self) -> int:
@@ -117,7 +118,8 @@ def make_batches(data_cfg, vocab_size: int, ckpt_dir: str | None, heldout_sample
         calib = torch.randint(0, vocab_size, (data_cfg.num_samples, data_cfg.seq_len), generator=gen)
         heldout = torch.randint(0, vocab_size, (heldout_samples, data_cfg.seq_len), generator=gen)
         return Batches(_batch(calib, data_cfg.batch_size), _batch(heldout, data_cfg.batch_size) if heldout_samples else [])
-    tokenize = _tokenizer(data_cfg.tokenizer, ckpt_dir, vocab_size).encode
+    tokenizer = _tokenizer(data_cfg.tokenizer, ckpt_dir, vocab_size)
+    tokenize = tokenizer.encode
     files = _text_files(list(data_cfg.paths))
     if not files:
         raise UserError("data.paths lists no readable file", fix="give existing text files or globs")
@@ -136,4 +138,5 @@ def make_batches(data_cfg, vocab_size: int, ckpt_dir: str | None, heldout_sample
     if int(calib.max()) >= vocab_size:
         raise UserError(f"the tokenizer produced id {int(calib.max())} but the model's vocabulary is {vocab_size}",
                         fix="use the model's own tokenizer")
-    return Batches(_batch(calib, data_cfg.batch_size), _batch(heldout, data_cfg.batch_size) if heldout_samples else [])
+    return Batches(_batch(calib, data_cfg.batch_size), _batch(heldout, data_cfg.batch_size) if heldout_samples else [],
+                   byte_level=isinstance(tokenizer, ByteTokenizer))

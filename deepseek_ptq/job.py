@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from deepseek_ptq import rundir
-from deepseek_ptq.config import choice
+from deepseek_ptq import rundir, wandb_log
+from deepseek_ptq.config import choice, eval_enabled
 from deepseek_ptq.data import make_batches
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.evaluate import evaluate
 from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.outputs import (gather_to_all, natural_key, quantizer_lines, save_amax, unquantized_linears,
@@ -22,6 +23,9 @@ from deepseek_ptq.outputs import (gather_to_all, natural_key, quantizer_lines, s
 from deepseek_ptq.quant.calibrate import calibrate
 from deepseek_ptq.quant.fixup import fixup, has_amax, missing_amax
 from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
+from deepseek_ptq.run_summary import write_summary
+from deepseek_ptq.stats import collect, write_csv
+from deepseek_ptq.plots import write_plots
 from modelopt.torch.quantization.nn import TensorQuantizer
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,12 @@ def _amax_table(model: torch.nn.Module) -> dict[str, float]:
 
 
 def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> None:
+    """Calibrate this rank's shard; rank 0 then writes the run directory and the W&B run."""
+    with wandb_log.tracking(cfg, run_dir, rank0=par.rank == 0) as tracker:
+        _run(cfg, run_dir, par, device, tracker)
+
+
+def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: wandb_log.Tracker) -> None:
     t_start = time.perf_counter()
     rank0 = par.rank == 0
     args = resolve_args(cfg.model)
@@ -42,17 +52,21 @@ def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> No
     ckpt = checkpoint_dir(cfg.model, args, par.world_size)
     model = build_model(args, ckpt, par, device, progress=rank0)
     t_load = time.perf_counter() - t0
-    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if cfg.eval.enabled else 0)
+    run_eval = eval_enabled(cfg)
+    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if run_eval else 0)
     mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
     all_experts = choice(cfg.calib.name) == "all_experts"
     t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress=rank0)
+    tokens = {i: moe.token_counts.tolist() for i, moe in model.moe_layers()}  # before evaluation adds its own
     before = _amax_table(model)
     report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
     after = _amax_table(model)
     missing = missing_amax(model)
     save_amax(model, run_dir, par.rank, par.world_size)
+    t0 = time.perf_counter()
+    eval_metrics = evaluate(model, batches.heldout, device, batches.byte_level, progress=rank0) if run_eval else None
+    t_eval = time.perf_counter() - t0
 
-    counts = {f"layers.{i}": moe.token_counts.tolist() for i, moe in model.moe_layers()}
     local = {"summary": quantizer_lines(model), "before": before, "after": after, "sources": report.sources,
              "missing": missing, "unquantized": unquantized_linears(model), "synced": report.synced_input_amax,
              "filled": report.filled_weight_amax, "fixup_s": report.seconds, "collectives": report.collectives,
@@ -62,8 +76,6 @@ def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> No
         return
     n_quantizers = write_quant_summary([g["summary"] for g in gathered], run_dir)
     missing_all = sorted({m for g in gathered for m in g["missing"]}, key=natural_key)
-    uncalibrated = [(layer, e) for layer, c in counts.items() for e, n in enumerate(c) if n == 0]
-    _write_stats(run_dir, gathered, counts)
     _write_hf_quant_config(run_dir, cfg, args, sorted({u for g in gathered for u in g["unquantized"]}, key=natural_key))
     if missing_all:
         log.warning("%d enabled quantizers have no amax after the fixup: %s", len(missing_all), ", ".join(missing_all[:10]))
@@ -74,7 +86,16 @@ def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> No
         raise UserError(f"{len(missing_all)} enabled quantizers have no amax after calibration "
                         f"(first: {', '.join(missing_all[:5])})",
                         fix="calibrate on more data (data.num_samples, data.seq_len) or set calib.strict=false")
-    tokens = batches.calib_tokens
+
+    t0 = time.perf_counter()
+    stats = collect(gathered, tokens, batches.calib_tokens * args.n_activated_experts)
+    write_csv(stats, run_dir / "stats")
+    t_stats = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plots = write_plots(stats, run_dir / "plots", title=f"{cfg.model.name}, {cfg.quant.name}, {choice(cfg.calib.name)}"
+                        f"{'+sync' if cfg.calib.sync else ''}, W={par.world_size}")
+    t_plots = time.perf_counter() - t0
+    n_calib = batches.calib_tokens
     metrics = rundir.read_metrics(run_dir)
     metrics.update({
         "status": "ok",
@@ -87,44 +108,28 @@ def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> No
         "ckpt_dir": str(ckpt),
         "device": str(device),
         "timings_s": {"load": t_load, "calibrate": t_calib, "fixup": max(g["fixup_s"] for g in gathered),
-                      "total": time.perf_counter() - t_start},
-        "tokens_calibrated": tokens,
-        "calib_tokens_per_s": tokens / t_calib if t_calib > 0 else None,
+                      "eval": t_eval, "stats": t_stats, "plots": t_plots},
+        "tokens_calibrated": n_calib,
+        "calib_tokens_per_s": n_calib / t_calib if t_calib > 0 else None,
         "counts": {"quantizers": n_quantizers,
                    "synced_input_amax": sum(g["synced"] for g in gathered),
                    "filled_weight_amax": sum(g["filled"] for g in gathered),
-                   "uncalibrated_experts": len(uncalibrated),
+                   "uncalibrated_experts": len(stats.summary["experts_without_tokens"]),
                    "missing_amax": len(missing_all),
                    "fixup_collectives": max(g["collectives"] for g in gathered)},
+        "stats": stats.summary,
+        "eval": eval_metrics,
         "missing_amax": missing_all,
         "layers_without_expert_input_amax": no_amax_layers,
     })
-    rundir.write_metrics(run_dir, metrics)
-    log.info("run directory %s: %d quantizers, %d synced expert input amax, %d experts without tokens, "
-             "calibration %.1f s (%.0f tokens/s)", run_dir, n_quantizers, metrics["counts"]["synced_input_amax"],
-             len(uncalibrated), t_calib, metrics["calib_tokens_per_s"] or 0)
-
-
-def _write_stats(run_dir: Path, gathered: list[dict[str, Any]], counts: dict[str, list[int]]) -> None:
-    stats = run_dir / "stats"
-    stats.mkdir(exist_ok=True)
-    rows = {}
-    for rank, g in enumerate(gathered):
-        missing = set(g["missing"])
-        for name in set(g["before"]) | set(g["after"]) | set(g["summary"]):
-            unset = "missing" if name in missing else "disabled"
-            rows.setdefault(name, (rank, g["before"].get(name), g["after"].get(name),
-                                   g["sources"].get(name, "calibrated" if name in g["before"] else unset)))
-    with open(stats / "amax.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["quantizer", "rank", "amax_before", "amax_after", "source"])
-        for name in sorted(rows, key=natural_key):
-            writer.writerow([name, *rows[name]])
-    with open(stats / "expert_tokens.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "expert", "tokens"])
-        for layer, c in counts.items():
-            writer.writerows([layer, e, n] for e, n in enumerate(c))
+    t0 = time.perf_counter()
+    tracker.log_results(metrics, stats, plots, run_dir)
+    metrics["timings_s"]["wandb"] = time.perf_counter() - t0
+    metrics["timings_s"]["total"] = time.perf_counter() - t_start
+    metrics["wandb"] = tracker.info
+    tracker.update_summary({"timings_s": metrics["timings_s"]})
+    print(write_summary(metrics, run_dir), file=sys.stderr)
+    rundir.write_metrics(run_dir, metrics)  # status "ok" goes last: everything else is on disk
 
 
 def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[str]) -> None:

@@ -37,8 +37,14 @@ def run_job(tmp_path: Path, overrides: list[str]) -> Path:
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    execute(make_cfg(FAST + overrides), run_dir)
+    execute(make_cfg(with_fast(overrides)), run_dir)
     return run_dir
+
+
+def with_fast(overrides: list[str]) -> list[str]:
+    """FAST settings, except those the caller sets itself (Hydra refuses a group chosen twice)."""
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [f for f in FAST if f.split("=", 1)[0] not in chosen] + overrides
 
 
 def load_amax(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -14,6 +15,9 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Linear
 
 log = logging.getLogger(__name__)
+# modelopt imports its Hugging Face export code lazily and warns that transformers is missing: this
+# project exports nothing through it, so the warning only confuses.
+warnings.filterwarnings("ignore", message="Cannot find transformers package")
 
 
 @torch.no_grad()
