@@ -89,3 +89,19 @@ def test_every_quant_option_calibrates(cache_dir, tmp_path, quant):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["counts"]["missing_amax"] == 0
     assert any("weight_quantizer" in k and k.endswith("_amax") for k in load_amax(run))
+
+
+def test_compare_topk_with_all_experts(runs):
+    from deepseek_ptq.compare import compare, load_run
+
+    result = compare(load_run(runs["topk"]), load_run(runs["all"]))
+    groups = result["groups"]
+    for name in ("expert weight", "expert w1 input", "expert w3 input", "attention", "shared experts", "dense MLP"):
+        if name in groups:
+            assert groups[name]["identical"] == groups[name]["compared"] > 0, name
+    w2 = groups["expert w2 input"]["ratio_b_over_a"]
+    assert w2["n"] == 48 and w2["larger"] + w2["equal"] + w2["smaller"] == pytest.approx(1.0)
+    # B is all-experts without sync, A topk with sync: B/A mostly below 1 (the synced value is the layer max).
+    assert w2["smaller"] > 0.5
+    assert result["largest_differences"] and all(".w2.input_quantizer" in d["quantizer"]
+                                                 for d in result["largest_differences"])
