@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, load_amax
+from conftest import FAST, load_amax, with_fast
 from deepseek_ptq.launch import free_port
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import write_shards
@@ -24,7 +24,7 @@ TINY = ModelArgs.from_json(PACKAGED / "tiny.json")
 
 def cli(run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *FAST, *overrides],
+    return subprocess.run([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast(list(overrides))],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -103,11 +103,20 @@ def test_zero_samples_and_empty_data(tmp_path, cache_dir):
 
 def test_mp1_mp2_same_weight_amax_close_input_amax(tmp_path, cache_dir):
     r1, r2 = tmp_path / "mp1", tmp_path / "mp2"
-    assert cli(r1).returncode == 0
-    result = cli(r2, "parallel=mp2")
+    evaluation = ["eval.enabled=true", "eval.num_samples=2"]
+    assert cli(r1, *evaluation).returncode == 0
+    result = cli(r2, "parallel=mp2", "logger=wandb", *evaluation)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(r2)
     assert m["status"] == "ok" and m["world_size"] == 2 and m["counts"]["fixup_collectives"] == 1
+    assert len(list((r2 / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone logs
+    # Evaluation at W=2 sees the same model: the reference's cross-entropy differs by bf16 summation order
+    # only; the KL also by the slightly different input amax (see below).
+    e1, e2 = metrics(r1)["eval"], m["eval"]
+    print("eval W=1", e1, "W=2", e2)
+    assert e1["tokens"] == e2["tokens"]
+    assert e2["bpb_ref"] == pytest.approx(e1["bpb_ref"], rel=1e-2)
+    assert e2["kl"] == pytest.approx(e1["kl"], rel=0.3)
     a1, a2 = load_amax(r1), load_amax(r2)
     assert a1.keys() == a2.keys()
     for key in a1:
