@@ -1,0 +1,82 @@
+"""Which real format each linear of a run exports to, from the run's quant group.
+
+The modelopt config that calibration used (``quant.recipes.build_quant_config``) is replayed with modelopt's
+own rules: entries in order, the last one matching a quantizer's name wins, an entry with ``cfg`` replaces
+the attributes, one with only ``enable`` toggles. Only the formats serving engines load from a modelopt
+NVFP4/FP8 checkpoint are exported; anything else is refused before any file is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Any
+
+from deepseek_ptq.errors import UserError
+
+NVFP4 = "NVFP4"
+FP8 = "FP8"
+
+
+@dataclass
+class _QuantizerState:
+    enabled: bool = True  # a fresh TensorQuantizer is enabled; every preset starts with "*": disabled
+    cfg: Any = None
+
+
+def _attr(cfg: Any, name: str) -> Any:
+    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+
+
+def _format_of(cfg: Any) -> str | None:
+    """NVFP4, FP8 (per tensor) or None (a format this exporter does not write)."""
+    if cfg is None or isinstance(cfg, list):
+        return None
+    num_bits = _attr(cfg, "num_bits")
+    num_bits = tuple(num_bits) if isinstance(num_bits, list) else num_bits
+    blocks = _attr(cfg, "block_sizes")
+    axis = _attr(cfg, "axis")
+    if num_bits == (2, 1) and isinstance(blocks, dict) and blocks.get(-1) == 16 and blocks.get("type") == "dynamic":
+        return NVFP4
+    if num_bits == (4, 3) and not blocks and axis is None:
+        return FP8
+    return None
+
+
+def _replay(entries: list[Any], quantizer: str) -> _QuantizerState:
+    state = _QuantizerState()
+    for entry in entries:
+        if entry.get("parent_class"):
+            continue  # class-restricted entries (BatchNorm, Embedding, ...) never match DeepSeek's linears
+        if not fnmatch(quantizer, entry["quantizer_name"]):
+            continue
+        if entry["cfg"] is not None:
+            state.cfg = entry["cfg"]
+        state.enabled = bool(entry["enable"])
+    return state
+
+
+def module_formats(mtq_cfg: dict[str, Any], modules: list[str], preset: str) -> dict[str, str | None]:
+    """Each linear's export format (None: left unquantized), refusing formats that have no export here."""
+    from modelopt.torch.quantization.conversion import normalize_quant_cfg_list
+
+    entries = normalize_quant_cfg_list(mtq_cfg["quant_cfg"])
+    formats: dict[str, str | None] = {}
+    unsupported: list[str] = []
+    for module in modules:
+        weight = _replay(entries, f"{module}.weight_quantizer")
+        act = _replay(entries, f"{module}.input_quantizer")
+        if not weight.enabled and not act.enabled:
+            formats[module] = None
+            continue
+        fmt = _format_of(weight.cfg) if weight.enabled else None
+        if fmt is None or not act.enabled or _format_of(act.cfg) != fmt:
+            unsupported.append(module)
+            continue
+        formats[module] = fmt
+    if unsupported:
+        raise UserError(f"quant.preset={preset} quantizes {len(unsupported)} linears in a format this export does not "
+                        f"write (first: {', '.join(unsupported[:3])}); it writes NVFP4 and FP8 per-tensor weights "
+                        f"with static activation scales",
+                        fix="export runs made with quant=nvfp4 or quant=fp8 (quant.attn=fp8|nvfp4 is fine)")
+    return formats

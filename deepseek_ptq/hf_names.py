@@ -1,0 +1,156 @@
+"""DeepSeek <-> Hugging Face: tensor names and the model config, shared by export and conversion.
+
+DeepSeek's converted format drops the ``model.`` prefix and renames modules (FACTS, "Files"); the Hugging Face
+DeepSeek-V3 layout is what serving engines (TensorRT-LLM, vLLM, SGLang) and ``transformers`` load.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.model.args import ModelArgs
+
+# Module-name components, DeepSeek -> Hugging Face (one path component each, never a substring).
+_MODULES = {
+    "attn": "self_attn", "ffn": "mlp", "embed": "embed_tokens", "head": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+    "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj",
+    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj",
+}
+_MODULES_BACK = {hf: ds for ds, hf in _MODULES.items()}
+# Parameter names (the last component) that differ: FP8 block scales and the gate's selection bias.
+_PARAMS = {"scale": "weight_scale_inv", "bias": "e_score_correction_bias"}
+_PARAMS_BACK = {hf: ds for ds, hf in _PARAMS.items()}
+# Path components both namings share (besides layer and expert indices).
+_SHARED_COMPONENTS = frozenset({"layers", "experts", "shared_experts", "gate", "norm"})
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+LINEAR_MODULES = frozenset({"wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3", "head"})
+
+
+def hf_module(ds_module: str) -> str:
+    """``layers.1.ffn.experts.3.w1`` -> ``model.layers.1.mlp.experts.3.gate_proj``; ``head`` -> ``lm_head``."""
+    parts = [_MODULES.get(p, p) for p in ds_module.split(".")]
+    return ".".join(parts) if parts[0] == "lm_head" else "model." + ".".join(parts)
+
+
+def to_hf(ds_key: str) -> str:
+    """A DeepSeek state-dict key as the Hugging Face checkpoint names it."""
+    module, param = ds_key.rsplit(".", 1)
+    # The gate's bias is the selection bias; every other ".bias" would keep its name (DeepSeek has none).
+    if param == "bias" and not module.endswith(".gate"):
+        return f"{hf_module(module)}.bias"
+    return f"{hf_module(module)}.{_PARAMS.get(param, param)}"
+
+
+def from_hf(hf_key: str) -> str | None:
+    """A Hugging Face key in DeepSeek's naming, or None if this model has no such tensor."""
+    if hf_key.startswith("model."):
+        body = hf_key[len("model."):]
+    elif hf_key.startswith("lm_head."):
+        body = hf_key
+    else:
+        return None
+    module, param = body.rsplit(".", 1)
+    parts = module.split(".")
+    if any(not (p in _MODULES_BACK or p in _SHARED_COMPONENTS or p.isdigit()) for p in parts):
+        return None
+    if param not in _PARAMS_BACK and param != "weight":
+        return None
+    ds_module = ".".join(_MODULES_BACK.get(p, p) for p in parts)
+    return f"{ds_module}.{_PARAMS_BACK.get(param, param)}"
+
+
+def hf_layer_index(hf_key: str) -> int | None:
+    """The decoder layer a Hugging Face key belongs to (None for embedding, final norm, head)."""
+    match = _LAYER.match(hf_key)
+    return int(match.group(1)) if match else None
+
+
+def _topk_method(args: ModelArgs) -> str:
+    # V3/R1: sigmoid scores with the selection bias ("noaux_tc"); V2: group-limited or plain greedy top-k.
+    if args.gate_bias:
+        return "noaux_tc"
+    return "group_limited_greedy" if args.n_expert_groups > 1 else "greedy"
+
+
+def hf_config(args: ModelArgs) -> dict[str, Any]:
+    """config.json of a Hugging Face DeepSeek-V3 checkpoint for these ModelArgs (the MTP layer is not exported)."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.inter_dim,
+        "moe_intermediate_size": args.moe_inter_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_nextn_predict_layers": 0,
+        "first_k_dense_replace": args.n_dense_layers,
+        "moe_layer_freq": 1,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_heads,
+        "n_routed_experts": args.n_routed_experts,
+        "n_shared_experts": args.n_shared_experts,
+        "num_experts_per_tok": args.n_activated_experts,
+        "n_group": args.n_expert_groups,
+        "topk_group": args.n_limited_groups,
+        "topk_method": _topk_method(args),
+        "scoring_func": args.score_func,
+        # DeepSeek's inference code renormalises the chosen weights only for sigmoid scores.
+        "norm_topk_prob": args.score_func == "sigmoid",
+        "routed_scaling_factor": args.route_scale,
+        "q_lora_rank": args.q_lora_rank or None,
+        "kv_lora_rank": args.kv_lora_rank,
+        "qk_nope_head_dim": args.qk_nope_head_dim,
+        "qk_rope_head_dim": args.qk_rope_head_dim,
+        "v_head_dim": args.v_head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": int(args.original_seq_len * args.rope_factor),
+        "rope_scaling": {"type": "yarn", "factor": args.rope_factor,
+                         "original_max_position_embeddings": args.original_seq_len,
+                         "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
+                         "mscale": args.mscale, "mscale_all_dim": args.mscale},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+    }
+
+
+def args_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelArgs:
+    """ModelArgs (DeepSeek's field names) from a Hugging Face DeepSeek-V2/V3 config.json."""
+    if hf.get("index_n_heads") is not None:
+        raise UserError(f"{source} describes a DeepSeek-V3.2 model (lightning indexer), which this runner does not model",
+                        fix="convert a DeepSeek-V3, R1 or V3.1 checkpoint")
+    try:
+        rope = hf.get("rope_scaling") or {}
+        quant = hf.get("quantization_config") or {}
+        values: dict[str, Any] = {
+            "vocab_size": hf["vocab_size"], "dim": hf["hidden_size"], "inter_dim": hf["intermediate_size"],
+            "moe_inter_dim": hf["moe_intermediate_size"], "n_layers": hf["num_hidden_layers"],
+            "n_dense_layers": hf.get("first_k_dense_replace", 0), "n_heads": hf["num_attention_heads"],
+            "n_routed_experts": hf["n_routed_experts"], "n_shared_experts": hf["n_shared_experts"],
+            "n_activated_experts": hf["num_experts_per_tok"], "n_expert_groups": hf.get("n_group") or 1,
+            "n_limited_groups": hf.get("topk_group") or 1, "score_func": hf.get("scoring_func", "softmax"),
+            "route_scale": hf.get("routed_scaling_factor", 1.0), "gate_bias": hf.get("topk_method") == "noaux_tc",
+            "q_lora_rank": hf.get("q_lora_rank") or 0, "kv_lora_rank": hf["kv_lora_rank"],
+            "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
+            "v_head_dim": hf["v_head_dim"], "rope_theta": hf.get("rope_theta", 10000.0),
+            "dtype": "fp8" if quant.get("quant_method") == "fp8" else "bf16",
+        }
+    except KeyError as err:
+        raise UserError(f"{source} lacks {err.args[0]!r}, which a DeepSeek-V3 config has",
+                        fix="point at the config.json of a Hugging Face DeepSeek-V3/R1 checkpoint") from err
+    if quant.get("scale_fmt"):
+        values["scale_fmt"] = quant["scale_fmt"]
+    if rope:
+        values.update(rope_factor=rope.get("factor", 40), original_seq_len=rope.get("original_max_position_embeddings", 4096),
+                      beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
+                      mscale=rope.get("mscale_all_dim", rope.get("mscale", 1.0)))
+    return ModelArgs.from_dict(values, source=source)
