@@ -275,7 +275,7 @@ def test_refuses_missing_amax_and_bad_scales(run_w2, tmp_path):
 def test_cli_exits_nonzero_with_the_message(run_w1, tmp_path):
     run_dir = broken_copy(run_w1, tmp_path / "run",
                           lambda a: a.pop("layers.1.ffn.shared_experts.w2.input_quantizer._amax"))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "deepseek_ptq.export", str(run_dir), "--out", str(tmp_path / "hf")],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
