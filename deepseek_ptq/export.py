@@ -1,6 +1,6 @@
 """Export a calibrated run as a Hugging Face DeepSeek-V3 checkpoint that serving engines load.
 
-    python -m deepseek_ptq.export RUN_DIR --out DIR [--max-shard-size 5GB] [--unquantized fp8|bf16]
+    python -m deepseek_ptq.export RUN_DIR --out DIR [--max-shard-size 5GB] [--unquantized bf16|fp8]
 
 Reads the run's amax dicts (any world size W) and its FP8 checkpoint, one module at a time, and writes
 sharded safetensors with an index, config.json (with ``quantization_config``), hf_quant_config.json and the
@@ -8,8 +8,9 @@ tokenizer files. NVFP4 linears: packed uint8 weight, float8_e4m3fn ``weight_scal
 ``weight_scale_2`` and ``input_scale`` = amax / (6 x 448); gate/up (w1/w3) of one expert, dense MLP or shared
 experts share the max of their two weight amax (one ``weight_scale_2``, as engines fuse them) and of their two
 input amax. FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scale`` = amax / 448. Linears
-left unquantized keep the released form (FP8 block weights with ``weight_scale_inv``), or bf16 with
-``--unquantized bf16`` (the form of NVIDIA's public NVFP4 DeepSeek checkpoints).
+left unquantized are written in bf16 by default: that is the form of NVIDIA's public NVFP4 DeepSeek
+checkpoints, and the engines' loaders for modelopt checkpoints treat excluded modules as plain bf16 linears.
+``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
 
 A quantized module without an amax, or with a zero, NaN or infinite scale, stops the export before anything
 is written (engines turn such checkpoints into NaN output); the output appears only when complete.
@@ -228,7 +229,7 @@ def hf_quant_config(run: Run, formats: dict[str, str | None], modules: list[str]
             "quantization": quantization}
 
 
-def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unquantized: str = "fp8",
+def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unquantized: str = "bf16",
                device: str = "auto", progress: bool = True) -> Path:
     """Write the Hugging Face checkpoint of ``run_dir`` to ``out``; returns ``out``.
 
@@ -294,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file (default 5GB); one file's tensors are held in memory")
-    parser.add_argument("--unquantized", choices=("fp8", "bf16"), default="fp8",
-                        help="form of linears left unquantized: released FP8 blocks (default) or bf16")
+    parser.add_argument("--unquantized", choices=("bf16", "fp8"), default="bf16",
+                        help="form of linears left unquantized: bf16 (default, as engines load them) or the released FP8 blocks")
     parser.add_argument("--device", default="auto", help="where to pack weights: auto (CUDA if present), cpu, cuda")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")

@@ -124,8 +124,8 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     })
     t0 = time.perf_counter()
     tracker.log_results(metrics, stats, plots, run_dir)
-    metrics["timings_s"]["wandb"] = time.perf_counter() - t0
-    metrics["timings_s"]["total"] = time.perf_counter() - t_start
+    metrics["timings_s"]["wandb"] = tracker.init_s + time.perf_counter() - t0
+    metrics["timings_s"]["total"] = tracker.init_s + time.perf_counter() - t_start  # W&B started before t_start
     metrics["wandb"] = tracker.info
     tracker.update_summary({"timings_s": metrics["timings_s"]})
     print(write_summary(metrics, run_dir), file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,8 +52,9 @@ def sweep_group(run_dir: Path) -> str | None:
 class Tracker:
     """A W&B run, or nothing (logger=none, or W&B failed to start). Every method is safe to call."""
 
-    def __init__(self, run: Any = None) -> None:
+    def __init__(self, run: Any = None, init_s: float = 0.0) -> None:
         self.run = run
+        self.init_s = init_s  # seconds wandb.init took (its service starts in the background)
 
     @property
     def info(self) -> dict[str, Any] | None:
@@ -153,6 +155,7 @@ def _keep_wandb_inside(run_dir: Path) -> None:
 def start(cfg: Any, run_dir: Path) -> Tracker:
     if choice(cfg.logger.name) != "wandb" or choice(cfg.logger.mode) == "disabled":
         return Tracker()
+    start_time = time.perf_counter()
     try:
         import wandb
 
@@ -163,7 +166,7 @@ def start(cfg: Any, run_dir: Path) -> Tracker:
             name=run_name(run_dir), tags=list(cfg.logger.tags) or None,
             config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), reinit="finish_previous",
             settings=wandb.Settings(console="off", silent=True, x_save_requirements=False))
-        return Tracker(run)
+        return Tracker(run, init_s=time.perf_counter() - start_time)
     except Exception as err:  # noqa: BLE001 - no account, no network, a broken install: the run goes on
         log.warning("W&B did not start (%s); the run continues without it. Set logger=none to skip W&B.", err)
         return Tracker()

@@ -62,7 +62,7 @@ def run_w2(tmp_path_factory, cache_dir) -> Path:
 def exports(tmp_path_factory, run_w1, run_w2) -> dict[int, Path]:
     # A small shard size so the tiny model spreads over several files and the index is exercised.
     root = tmp_path_factory.mktemp("exports")
-    return {w: export_run(run, root / f"hf_w{w}", max_shard_bytes=2_000_000, progress=False)
+    return {w: export_run(run, root / f"hf_w{w}", max_shard_bytes=2_000_000, unquantized="fp8", progress=False)
             for w, run in ((1, run_w1), (2, run_w2))}
 
 
