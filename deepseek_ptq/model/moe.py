@@ -87,6 +87,8 @@ class MoE(nn.Module):
         ])
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, par, fp8)
         self.route_all_tokens_for_stats = False
+        # Set while calibration runs (quant/fast_calib.py): grouped GEMMs with the same statistics and output.
+        self.fast_path = None
         # Routed-token counts of every expert (the gate is replicated, so every rank knows all of them).
         self.register_buffer("token_counts", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
 
@@ -97,8 +99,21 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        # A scatter-add, not bincount: bincount waits for the device to size its output.
+        flat = indices.flatten()
+        counts = torch.zeros_like(self.token_counts).scatter_add_(0, flat, torch.ones_like(flat))
         self.token_counts += counts
+        if self.fast_path is not None:
+            y = self.fast_path(self, x, weights, indices)
+        else:
+            y = self._routed_loop(x, weights, indices, counts)
+        z = self.shared_experts(x)
+        self.par.all_reduce(y)
+        return (y + z).view(shape)
+
+    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                     counts: torch.Tensor) -> torch.Tensor:
+        """The plain path: one call per local expert (all tokens first, in all-experts mode)."""
         if self.route_all_tokens_for_stats:
             for _, expert in self.local_experts():
                 expert(x)
@@ -109,6 +124,4 @@ class MoE(nn.Module):
                 continue
             rows, slot = torch.where(indices == i)
             y.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
-        z = self.shared_experts(x)
-        self.par.all_reduce(y)
-        return (y + z).view(shape)
+        return y

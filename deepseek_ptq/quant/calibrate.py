@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -83,11 +83,14 @@ def materialize_dequantized_weights(model: nn.Module) -> None:
 
 
 def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Tensor], all_experts: bool,
-              device: torch.device, progress: bool) -> float:
-    """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent."""
+              device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None) -> float:
+    """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
+
+    ``on_batch(i)`` runs after batch i has finished on the device (benchmarks time batches with it).
+    """
     import modelopt.torch.quantization as mtq
 
-    from deepseek_ptq.quant import modules
+    from deepseek_ptq.quant import fast_calib, modules
     from deepseek_ptq.quant.recipes import algorithm_method
 
     modules.register()
@@ -100,8 +103,15 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         # Some algorithms (AWQ) run the loop more than once: the counts describe one pass over the data.
         reset_token_counts(m)
         set_all_experts_mode(m, all_experts)
+        fast = None
+        if fast_calib.requested():
+            reason = fast_calib.why_not(m, algorithm_method(mtq_cfg))
+            if reason is None:
+                fast = fast_calib.FastCalibration(m, all_experts)
+            else:
+                log.info("plain calibration path: %s", reason)
         try:
-            for tokens in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
+            for i, tokens in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
                 tokens = tokens.to(device)
                 try:
                     finite = bool(torch.isfinite(m(tokens, logits=False)).all())
@@ -110,11 +120,19 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
                         raise
                     finite = False  # modelopt's calibrator refused a NaN amax: name the module below
                 if not finite:
+                    if fast is not None:
+                        fast.stop()  # the hunt for the module runs the plain path, one call per expert
                     set_all_experts_mode(m, False)
                     _stop_statistics(m)
                     raise UserError(f"non-finite activations during calibration, first at {first_non_finite_module(m, tokens)}",
                                     fix="check the checkpoint and the compute dtype (model activations overflow)")
+                if on_batch is not None:
+                    on_batch(i)
+            if fast is not None:
+                fast.flush()
         finally:
+            if fast is not None:
+                fast.stop()
             set_all_experts_mode(m, False)
 
     start = time.perf_counter()

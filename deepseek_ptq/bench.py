@@ -1,0 +1,466 @@
+"""Calibration benchmark: time per batch against the hardware floor (``python -m deepseek_ptq.bench``).
+
+On the device it runs on, it measures the two ceilings (bf16 matmul rate on random data; device copy
+bandwidth, bytes read plus bytes written), the FP8 block dequant kernel against the copy bandwidth, then
+calibrates ``model=ds_v3_slice`` (random FP8 weights made on the GPU) through the project's ``calibrate()``
+with real modelopt quantizers, per calibration mode and path, timing every batch after one warm-up batch,
+and the peer-max fixup: on the slice itself, and on the 61-layer model's quantizer layout at W = 8 in one
+process (``bench_fixup``). Floors: the larger of (GEMM FLOPs of the work the mode defines, over the matmul
+rate) and (every FP8 weight read once, over the copy bandwidth). Prints a table; writes JSON (``--out``).
+
+    python -m deepseek_ptq.bench --out bench.json                      # slice, NVFP4, fast path, both modes
+    python -m deepseek_ptq.bench --plain-batches 2 quant=fp8 model.n_layers=6   # + the plain path; overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from deepseek_ptq.model.args import ModelArgs
+
+MODES = ("topk", "all_experts")
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of ``fn`` per call (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """Copy bandwidth (read + write bytes) and bf16 matmul rate, on random data, on this device."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    n_copy = (1 << 29) if device.type == "cuda" else (1 << 23)  # bf16 elements: 1 GiB on a GPU
+    src = torch.randn(n_copy, generator=gen, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t_copy = median_seconds(lambda: dst.copy_(src), device)
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, generator=gen, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, generator=gen, device=device, dtype=torch.bfloat16)
+    t_mm = median_seconds(lambda: a @ b, device, reps=10)
+    del src, dst, a, b
+    return {"copy_GBps": 2 * n_copy * 2 / t_copy / 1e9, "copy_bytes": 4 * n_copy,
+            "matmul_TFLOPs": 2 * n**3 / t_mm / 1e12, "matmul_n": n}
+
+
+def measure_dequant(device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
+    """The Triton FP8 block dequant (3 bytes per element moved) against the copy bandwidth."""
+    if device.type != "cuda":
+        return []
+    from deepseek_ptq.model import triton_kernels as tk
+    from deepseek_ptq.model.kernels import dequant_torch
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    rows = []
+    for shape in ((18432, 7168), (16, 2048, 7168)):
+        w = (torch.randn(shape, generator=gen, device=device) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s = torch.rand((*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128)), generator=gen, device=device) + 0.5
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        if len(shape) == 2:
+            fn = lambda: tk.fp8_block_dequant(w, s, out=out)  # noqa: E731
+            exact = torch.equal(fn(), dequant_torch(w, s))
+        else:
+            fn = lambda: tk.batched_fp8_block_dequant(w, s, out=out)  # noqa: E731
+            exact = torch.equal(fn()[3], dequant_torch(w[3], s[3]))
+        t = median_seconds(fn, device)
+        gbps = 3 * w.numel() / t / 1e9
+        rows.append({"shape": "x".join(map(str, shape)), "us": t * 1e6, "GBps": gbps,
+                     "pct_of_copy": 100 * gbps / copy_gbps, "bit_identical_to_torch": exact})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- floors
+
+
+def calib_flops(args: ModelArgs, batch: int, seq: int) -> dict[str, float]:
+    """GEMM FLOPs of one calibration batch (no head: calibration stops at the final norm), by mode.
+
+    topk: attention (projections and the causal score/value products), dense MLP, gate, shared experts,
+    k routed experts per token. all_experts: every token through every expert (w1, w2, w3), which also gives
+    the top-k output, as the mode's work is defined; all_experts_min: what its statistics strictly need
+    (w1/w3 of every token and expert; w2 only for the routed tokens, whose output is used).
+    """
+    tokens = batch * seq
+    heads, qk, v = args.n_heads, args.qk_head_dim, args.v_head_dim
+    q_params = (args.dim * args.q_lora_rank + args.q_lora_rank * heads * qk) if args.q_lora_rank else args.dim * heads * qk
+    attn_params = (q_params + args.dim * (args.kv_lora_rank + args.qk_rope_head_dim)
+                   + args.kv_lora_rank * heads * (args.qk_nope_head_dim + v) + heads * v * args.dim)
+    attn_core = batch * heads * seq * (seq + 1) / 2 * 2 * (qk + v)  # causal: (s+1)/2 keys per query on average
+    expert = 3 * args.dim * args.moe_inter_dim
+    common = args.n_layers * (2 * tokens * attn_params + attn_core)
+    common += args.n_dense_layers * 2 * tokens * 3 * args.dim * args.inter_dim
+    moe_layers = args.n_layers - args.n_dense_layers
+    common += moe_layers * 2 * tokens * (args.dim * args.n_routed_experts + args.n_shared_experts * expert)
+    routed = moe_layers * 2 * tokens * args.n_activated_experts * expert
+    every = moe_layers * 2 * tokens * args.n_routed_experts * expert
+    return {"topk": common + routed, "all_experts": common + every,
+            "all_experts_min": common + every * 2 / 3 + routed / 3}
+
+
+def fp8_weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+
+
+def floor_seconds(flops: float, weight_bytes: int, ceilings: dict[str, float]) -> dict[str, float]:
+    compute = flops / (ceilings["matmul_TFLOPs"] * 1e12)
+    memory = weight_bytes / (ceilings["copy_GBps"] * 1e9)
+    return {"floor_s": max(compute, memory), "compute_s": compute, "weight_read_s": memory,
+            "bound": "compute" if compute >= memory else "memory"}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Setup:
+    """What every run of one bench invocation shares."""
+
+    cfg: Any
+    args: ModelArgs
+    device: torch.device
+    batches: list[torch.Tensor]
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from deepseek_ptq.app import CONF_DIR  # registers the schema
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def quantizer_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m._amax.detach().float().cpu().clone() for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and getattr(m, "_amax", None) is not None}
+
+
+def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One fresh model, calibrated on 1 warm-up + ``n_batches`` batches; returns (figures, amax by quantizer)."""
+    from deepseek_ptq.model.load import build_model, checkpoint_dir
+    from deepseek_ptq.model.parallel import Parallel
+    from deepseek_ptq.quant import fast_calib
+    from deepseek_ptq.quant.calibrate import calibrate
+    from deepseek_ptq.quant.fast_fixup import fixup as fast_fixup
+    from deepseek_ptq.quant.fixup import fixup
+    from deepseek_ptq.quant.recipes import build_quant_config
+
+    device, cfg = setup.device, setup.cfg
+    previous = os.environ.get(fast_calib.ENV)
+    os.environ[fast_calib.ENV] = "1" if fast else "0"
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        t0 = time.perf_counter()
+        model = build_model(setup.args, checkpoint_dir(cfg.model, setup.args, 1), Parallel(), device, progress=False)
+        _sync(device)
+        t_build = time.perf_counter() - t0
+        stamps: list[float] = []
+
+        def on_batch(_: int) -> None:
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+        mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
+        t1 = time.perf_counter()
+        calibrate(model, mtq_cfg, setup.batches[:1 + n_batches], mode == "all_experts", device, False, on_batch=on_batch)
+        t_end = time.perf_counter()
+        per_batch = [b - a for a, b in zip(stamps, stamps[1:])]
+        report = fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
+        fast_report = fast_fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
+        result = {
+            "mode": mode, "path": "fast" if fast else "plain", "batches": len(per_batch),
+            "batch_shape": list(setup.batches[0].shape),
+            "s_per_batch": statistics.median(per_batch) if per_batch else None,
+            "s_per_batch_mean": statistics.fmean(per_batch) if per_batch else None,
+            "s_per_batch_all": per_batch,
+            "build_s": t_build, "setup_and_warmup_s": stamps[0] - t1 if stamps else None,
+            "after_last_batch_s": t_end - stamps[-1] if stamps else None,
+            "fixup_s": report.seconds, "fast_fixup_s": fast_report.seconds, "fixup_collectives": report.collectives,
+            "fp8_weight_bytes": fp8_weight_bytes(model),
+            "peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        }
+        if result["s_per_batch"]:
+            result["tokens_per_s"] = setup.batches[0].numel() / result["s_per_batch"]
+        amax = quantizer_amax(model)
+        del model
+        return result, amax
+    finally:
+        if previous is None:
+            os.environ.pop(fast_calib.ENV, None)
+        else:
+            os.environ[fast_calib.ENV] = previous
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _group(name: str) -> str:
+    kind = "input" if ".input_quantizer" in name else "weight"
+    if ".experts." in name:
+        return f"expert {name.split('.experts.')[1].split('.')[1]} {kind}"
+    return f"other {kind}"
+
+
+def compare_amax(plain: dict[str, torch.Tensor], fast: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Per group of quantizers: how many amax agree bit for bit, and the largest relative gap."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(plain) | set(fast)):
+        g = groups.setdefault(_group(name), {"compared": 0, "identical": 0, "missing": 0, "max_rel": 0.0})
+        if name not in plain or name not in fast:
+            g["missing"] += 1
+            continue
+        a, b = plain[name], fast[name]
+        g["compared"] += 1
+        g["identical"] += int(torch.equal(a, b))
+        rel = ((a - b).abs() / a.abs().clamp_min(1e-30)).max().item() if a.shape == b.shape else float("inf")
+        g["max_rel"] = max(g["max_rel"], rel)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------- fixup at W=8
+
+
+def fixup_shape_args(n_layers: int = 61, n_dense_layers: int = 3) -> ModelArgs:
+    """The 671B model's layer and expert counts (what the fixup's work depends on) with small matrices."""
+    return ModelArgs(dtype="fp8", vocab_size=1024, dim=256, inter_dim=1024, moe_inter_dim=128,
+                     n_layers=n_layers, n_dense_layers=n_dense_layers, n_heads=8, n_routed_experts=256,
+                     n_shared_experts=1, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4,
+                     score_func="sigmoid", route_scale=2.5, gate_bias=True, q_lora_rank=128, kv_lora_rank=128,
+                     qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, max_seq_len=256)
+
+
+def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_layers: int = 61,
+                repeats: int = 3) -> dict[str, Any]:
+    """The fixup's own time for rank 0 of a W-rank layout (its 256/W experts per layer), in one process.
+
+    The collective runs over a process group of one rank: its payload is one vector of a few hundred floats,
+    so the time is the fixup's own work (building the vector, reading and writing every quantizer's amax),
+    not the network's. The model is calibrated first (all-experts mode: every local expert has an amax).
+    """
+    import torch.distributed as dist
+
+    from deepseek_ptq.launch import free_port
+    from deepseek_ptq.model.parallel import Parallel
+    from deepseek_ptq.model.random_init import init_random_
+    from deepseek_ptq.model.transformer import Transformer
+    from deepseek_ptq.quant.calibrate import calibrate
+    from deepseek_ptq.quant.fast_fixup import fixup as fast_fixup
+    from deepseek_ptq.quant.fixup import fixup
+    from deepseek_ptq.quant.modules import quantized_linears
+    from deepseek_ptq.quant.recipes import build_quant_config
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{free_port()}", device_id=device if device.type == "cuda" else None)
+    try:
+        args = fixup_shape_args(n_layers)
+        par = Parallel(rank=0, world_size=world_size, group=dist.group.WORLD)
+        t0 = time.perf_counter()
+        with torch.device(device):
+            model = Transformer(args, par)
+        init_random_(model, 0)
+        model.eval()
+        # Tokens of rank 0's vocabulary part: its embedding shard holds them (the others would embed zeros).
+        tokens = torch.randint(0, args.vocab_size // world_size, (1, 64), generator=torch.Generator().manual_seed(0))
+        calibrate(model, build_quant_config(quant_cfg, on_cpu=device.type == "cpu"), [tokens], True, device, False)
+        t_setup = time.perf_counter() - t0
+        result: dict[str, Any] = {"world_size_layout": world_size, "n_layers": n_layers, "moe_layers": args.n_moe_layers,
+                                  "local_experts_per_layer": args.n_routed_experts // world_size,
+                                  "quantizers_on_rank": sum(2 for _ in quantized_linears(model)), "setup_s": t_setup}
+        for label, fn in (("fixup", fixup), ("fast_fixup", fast_fixup)):
+            times = []
+            for _ in range(1 + repeats):
+                _sync(device)
+                report = fn(model, par, sync_experts=True, device=device)
+                _sync(device)
+                times.append(report.seconds)
+            result[label] = {"first_s": times[0], "repeat_median_s": statistics.median(times[1:]) if repeats else None,
+                             "synced_input_amax": report.synced_input_amax, "tp_synced_amax": report.tp_synced_amax,
+                             "collectives": report.collectives}
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def card(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu": props.name, "sms": props.multi_processor_count, "memory_GB": props.total_memory / 1e9})
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+        try:
+            q = "name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu"
+            info["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                                                capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            info["nvidia_smi"] = f"failed: {err!r}"
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"card: {results['card'].get('gpu', results['card'].get('cpu'))}  ceilings: copy "
+             f"{results['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul {results['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s"]
+    for row in results["dequant"]:
+        lines.append(f"fp8 dequant {row['shape']}: {row['us']:.1f} us, {row['GBps']:.0f} GB/s = "
+                     f"{row['pct_of_copy']:.0f}% of copy (bit-identical: {row['bit_identical_to_torch']})")
+    head = f"{'mode':<12}{'path':<6}{'batches':>8}{'s/batch':>10}{'tok/s':>10}{'floor s':>9}{'ratio':>7}" \
+           f"{'fixup ms':>10}{'fast fixup ms':>14}{'peak GB':>9}{'setup s':>9}"
+    lines += [head, "-" * len(head)]
+    for r in results["runs"]:
+        spb = r.get("s_per_batch")
+        lines.append(f"{r['mode']:<12}{r['path']:<6}{r['batches']:>8}{spb or float('nan'):>10.4f}"
+                     f"{r.get('tokens_per_s', float('nan')):>10.0f}{r['floor_s']:>9.4f}{r.get('ratio', float('nan')):>7.2f}"
+                     f"{r['fixup_s'] * 1e3:>10.1f}{r['fast_fixup_s'] * 1e3:>14.1f}{r['peak_GB'] or float('nan'):>9.1f}{r['setup_and_warmup_s'] or 0:>9.1f}")
+        if "ratio_min" in r:
+            lines.append(f"{'':<18}(all-experts floor of the needed work: {r['floor_min_s']:.4f} s, ratio {r['ratio_min']:.2f})")
+    for key, cmp in results.get("fast_vs_plain", {}).items():
+        lines.append(f"fast vs plain amax, {key}: " + "; ".join(
+            f"{g}: {v['identical']}/{v['compared']} identical, max rel {v['max_rel']:.2e}" for g, v in cmp.items()))
+    if results.get("fixup_w8"):
+        f = results["fixup_w8"]
+        for label in ("fixup", "fast_fixup"):
+            lines.append(f"{label} at W={f['world_size_layout']} shapes ({f['moe_layers']} MoE layers x "
+                         f"{f['local_experts_per_layer']} local experts, {f['quantizers_on_rank']} quantizers): first call "
+                         f"{f[label]['first_s'] * 1e3:.1f} ms, repeats median {f[label]['repeat_median_s'] * 1e3:.1f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="topk,all_experts", help="comma-separated calibration modes")
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per fast run (after 1 warm-up)")
+    parser.add_argument("--plain-batches", type=int, default=0,
+                        help="also run the plain path on this many timed batches, and compare its amax with a fast "
+                             "run on the same batches (0: skip)")
+    parser.add_argument("--fixup-layers", type=int, default=61, help="layers of the W=8 fixup model (0: skip it)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="write all figures as JSON here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default model=ds_v3_slice quant=nvfp4 ...)")
+    opts = parser.parse_args(argv)
+    results = run_bench(opts.overrides, [m.strip() for m in opts.modes.split(",") if m.strip()], opts.batches,
+                        opts.plain_batches, opts.fixup_layers, torch.device(opts.device), opts.out)
+    print(format_table(results))
+    return 0
+
+
+def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batches: int, fixup_layers: int,
+              device: torch.device, out: str | None = None) -> dict[str, Any]:
+    """Everything ``main`` prints, as a dict (written to ``out`` after each step, so a crash keeps what ran)."""
+    from deepseek_ptq.data import make_batches
+    from deepseek_ptq.model.load import checkpoint_dir, resolve_args
+
+    defaults = ["model=ds_v3_slice", "quant=nvfp4", "data=synthetic", "logger=none", "data.batch_size=8",
+                "data.seq_len=512"]
+    chosen = {o.split("=", 1)[0] for o in overrides}
+    base = [d for d in defaults if d.split("=", 1)[0] not in chosen] + overrides
+    cfg = compose(base + [f"data.num_samples={(1 + max(n_batches, plain_batches)) * _batch_size(base)}"])
+    args = resolve_args(cfg.model)
+    batches = make_batches(cfg.data, args.vocab_size, str(checkpoint_dir(cfg.model, args, 1)), 0).calib
+    setup = Setup(cfg, args, device, batches)
+    results: dict[str, Any] = {"card": card(device), "overrides": base, "runs": [], "fast_vs_plain": {}}
+
+    def save() -> None:
+        if out:
+            with open(out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+    results["ceilings"] = measure_ceilings(device)
+    results["dequant"] = measure_dequant(device, results["ceilings"]["copy_GBps"])
+    save()
+    batch, seq = batches[0].shape
+    flops = calib_flops(args, batch, seq)
+    results["flops_per_batch"] = flops
+    for mode in modes:
+        runs = [(True, n_batches)]
+        if plain_batches:  # the plain path, and a fast run on the same batches to compare amax with
+            runs += [(False, plain_batches)] + ([(True, plain_batches)] if plain_batches != n_batches else [])
+        amax = {}
+        for fast, count in runs:
+            print(f"[bench] {mode} {'fast' if fast else 'plain'} x{count}", file=sys.stderr, flush=True)
+            result, amax[(fast, count)] = run_calibration(setup, mode, fast, count)
+            result.update(floor_seconds(flops[mode], result["fp8_weight_bytes"], results["ceilings"]))
+            if result["s_per_batch"]:
+                result["ratio"] = result["s_per_batch"] / result["floor_s"]
+            if mode == "all_experts":
+                result["floor_min_s"] = floor_seconds(flops["all_experts_min"], result["fp8_weight_bytes"],
+                                                      results["ceilings"])["floor_s"]
+                result["ratio_min"] = result["s_per_batch"] / result["floor_min_s"] if result["s_per_batch"] else None
+            results["runs"].append(result)
+            save()
+        if plain_batches:
+            results["fast_vs_plain"][f"{mode}, {plain_batches + 1} batches"] = compare_amax(
+                amax[(False, plain_batches)], amax[(True, plain_batches)])
+            save()
+    if fixup_layers:
+        results["fixup_w8"] = bench_fixup(device, cfg.quant, n_layers=fixup_layers)
+        save()
+    return results
+
+
+def _batch_size(overrides: list[str]) -> int:
+    for o in reversed(overrides):
+        if o.startswith("data.batch_size="):
+            return int(o.split("=", 1)[1])
+    return 8
+
+
+if __name__ == "__main__":
+    sys.exit(main())

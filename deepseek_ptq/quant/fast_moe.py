@@ -1,0 +1,188 @@
+"""A calibration-time MoE forward: grouped expert GEMMs, per-expert amax by segment max, no host sync per expert.
+
+During max calibration every modelopt quantizer only observes: it returns its input unchanged and keeps a
+running max of |input|. Weights do not change, and modelopt's weight-only pass has seen each one already, so
+the plain path's statistics (model/moe.py: one call per expert, every quantizer collecting) come out the same
+from far less work:
+  * expert weights: nothing more to do (a running max of the same tensor again is a no-op);
+  * w1/w3 inputs: max |x| over each expert's routed tokens; w2 inputs: max |h| of its SwiGLU intermediate.
+    Both are segment maxima over the routings sorted by expert, kept on the device across batches and merged
+    into each quantizer's calibrator once, at the end (``ExpertStats.flush``), with modelopt's own checks.
+  * all-experts mode: every local expert's w1/w3 input is the whole batch (its max is max |x|), and its w2
+    input amax needs only the w1/w3 GEMMs of all tokens: the w2 GEMM's output is discarded, so it is skipped.
+The routed output is the plain path's, operation for operation: the same bf16 products, and each token's
+weighted expert outputs summed one by one in ascending expert order, as the plain path's index_add_ does.
+On the CPU every amax is bit-identical to the plain path (tests/test_fast_path.py); on a GPU one grouped GEMM
+may round differently from one cuBLAS call per expert (benchmarks/NOTES.md gives the measured gap).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deepseek_ptq.model.moe import MoE
+from deepseek_ptq.model.parallel import Linear
+from deepseek_ptq.quant.running_max import NOTHING_SEEN, merge_into_calibrators
+
+# Bytes of GEMM output per chunk of experts in all-experts mode: bounds the scratch memory.
+ALL_EXPERTS_CHUNK_BYTES = 1 << 30
+
+
+@functools.cache
+def _triton_dequant():
+    try:
+        from deepseek_ptq.model import triton_kernels
+    except Exception:  # no triton (CPU machines) or a broken install: the torch path is exact too
+        return None
+    return triton_kernels.fp8_block_dequant
+
+
+def dequant_into(linear: Linear, out: torch.Tensor) -> None:
+    """``linear.dequantized_weight()`` written into ``out`` (the same kernel or the same torch ops: same bits)."""
+    kernel = _triton_dequant() if linear.scale is not None and out.is_cuda else None
+    if kernel is not None:
+        kernel(linear.weight, linear.scale, out.dtype, out=out)
+    else:
+        out.copy_(linear.dequantized_weight())
+
+
+def stacked_expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's experts of one layer as (w13 [E, 2I, dim]: w1 rows then w3 rows, w2 [E, dim, I])."""
+    experts = [expert for _, expert in moe.local_experts()]
+    first = experts[0].w1
+    inter, dim = first.out_features, first.in_features
+    kw = {"dtype": first.compute_dtype, "device": first.weight.device}
+    w13 = torch.empty(len(experts), 2 * inter, dim, **kw)
+    w2 = torch.empty(len(experts), dim, inter, **kw)
+    for e, expert in enumerate(experts):
+        dequant_into(expert.w1, w13[e, :inter])
+        dequant_into(expert.w3, w13[e, inter:])
+        dequant_into(expert.w2, w2[e])
+    return w13, w2
+
+
+def stacked_bytes(moe: MoE) -> int:
+    """Bytes ``stacked_expert_weights`` allocates for this layer."""
+    first = moe.experts[moe.experts_start].w1
+    size = torch.empty((), dtype=first.compute_dtype).element_size()
+    return 3 * (moe.experts_end - moe.experts_start) * first.out_features * first.in_features * size
+
+
+@dataclass
+class ExpertStats:
+    """Running max |input| of each local expert, float32 on the device; -inf until the expert sees a token.
+
+    Slot ``n_local`` (one past the last expert) takes the routings to other ranks' experts and is ignored.
+    """
+
+    w13: torch.Tensor  # input of w1 and w3 (the same tensor)
+    w2: torch.Tensor
+
+    @classmethod
+    def empty(cls, n_local: int, device: torch.device) -> "ExpertStats":
+        def make() -> torch.Tensor:
+            return torch.full((n_local + 1,), NOTHING_SEEN, dtype=torch.float32, device=device)
+        return cls(make(), make())
+
+    def flush(self, moe: MoE, dtype: torch.dtype) -> None:
+        """Merge into each local expert's input calibrators (``dtype``: the inputs' dtype), then start afresh."""
+        n_local = moe.experts_end - moe.experts_start
+        experts = [expert for _, expert in moe.local_experts()]
+        targets = ([[e.w1.input_quantizer, e.w3.input_quantizer] for e in experts]
+                   + [[e.w2.input_quantizer] for e in experts])
+        merge_into_calibrators(targets, torch.cat([self.w13[:n_local], self.w2[:n_local]]), dtype)
+        self.w13.fill_(NOTHING_SEEN)
+        self.w2.fill_(NOTHING_SEEN)
+
+
+def _segment_max_(acc: torch.Tensor, segment: torch.Tensor, values: torch.Tensor) -> None:
+    acc.scatter_reduce_(0, segment, values.float(), reduce="amax")
+
+
+def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                   w13: torch.Tensor, w2: torch.Tensor, stats: ExpertStats | None) -> torch.Tensor:
+    """This rank's part of the routed experts' output (before the all-reduce), as the plain loop computes it."""
+    num_tokens, topk = indices.shape
+    n_local = moe.experts_end - moe.experts_start
+    inter = w2.shape[-1]
+    # Each token's slots in ascending expert order: the order in which the plain path adds them up.
+    indices, slot_order = indices.sort(dim=1)
+    weights = weights.gather(1, slot_order)
+    expert = indices.reshape(-1)
+    local = (expert >= moe.experts_start) & (expert < moe.experts_end)
+    segment = torch.where(local, expert - moe.experts_start, n_local)  # other ranks' experts: slot n_local
+    order = torch.argsort(segment, stable=True)  # by expert, tokens ascending within one (as torch.where gives)
+    # Group ends for the grouped GEMM, counted with a scatter-add (bincount would wait for the device).
+    sizes = torch.zeros(n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(0, segment, torch.ones_like(segment))
+    ends = sizes[:n_local].cumsum(0).to(torch.int32)
+    token = order // topk
+    a = torch._grouped_mm(x.index_select(0, token), w13.transpose(1, 2), offs=ends)
+    h = F.silu(a[:, :inter]) * a[:, inter:]
+    out = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
+    sorted_segment = segment.index_select(0, order)
+    if stats is not None:
+        # Rows past the last local expert hold no result (the grouped GEMM skips them): slot n_local, ignored.
+        _segment_max_(stats.w13, segment, x.abs().amax(dim=-1).repeat_interleave(topk))
+        _segment_max_(stats.w2, sorted_segment, h.abs().amax(dim=-1))
+    contrib = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+    if n_local < moe.n_routed_experts:
+        contrib = torch.where((sorted_segment < n_local).unsqueeze(-1), contrib, 0)
+    slots = torch.empty_like(contrib).index_copy_(0, order, contrib).view(num_tokens, topk, -1)
+    y = torch.zeros_like(x)
+    for j in range(topk):
+        y += slots[:, j]  # one bf16 rounding per expert, in ascending expert order (adding 0 is exact)
+    return y
+
+
+def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats,
+                    chunk_bytes: int = ALL_EXPERTS_CHUNK_BYTES) -> None:
+    """All-experts statistics: every local expert's w1/w3 and w2 input amax over all tokens of ``x``."""
+    if x.shape[0] == 0:
+        return
+    n_local, two_inter, dim = w13.shape
+    inter = two_inter // 2
+    stats.w13[:n_local] = torch.maximum(stats.w13[:n_local], x.abs().amax().float())
+    per_expert = x.shape[0] * two_inter * x.element_size()
+    chunk = max(1, min(n_local, chunk_bytes // per_expert))
+    for start in range(0, n_local, chunk):
+        w = w13[start:start + chunk]
+        a = F.linear(x, w.reshape(-1, dim)).view(x.shape[0], w.shape[0], 2, inter)
+        h = F.silu(a[:, :, 0]) * a[:, :, 1]
+        part = stats.w2[start:start + w.shape[0]]
+        torch.maximum(part, h.abs().amax(dim=(0, 2)).float(), out=part)
+
+
+class FastMoE:
+    """The calibration forward of one MoE layer, attached as ``moe.fast_path`` while calibration runs."""
+
+    def __init__(self, moe: MoE, all_experts: bool, keep_weights: bool) -> None:
+        self.moe, self.all_experts, self.keep_weights = moe, all_experts, keep_weights
+        self.stats = ExpertStats.empty(moe.experts_end - moe.experts_start, moe.token_counts.device)
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dtype: torch.dtype | None = None
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._weights is not None:
+            return self._weights
+        stacked = stacked_expert_weights(self.moe)
+        if self.keep_weights:
+            self._weights = stacked
+        return stacked
+
+    def __call__(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        self.dtype = x.dtype
+        w13, w2 = self.weights()
+        if self.all_experts:
+            all_token_stats(x, w13, self.stats, ALL_EXPERTS_CHUNK_BYTES)
+        return routed_forward(moe, x, weights, indices, w13, w2, self.stats)
+
+    def flush(self) -> None:
+        if self.dtype is not None:
+            self.stats.flush(self.moe, self.dtype)
+
+    def release(self) -> None:
+        self._weights = None
