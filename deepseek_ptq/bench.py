@@ -42,8 +42,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
-    """Median wall time of ``fn`` per call (CUDA events on a GPU)."""
+def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int = 3, reps: int = 20,
+                   inner: int = 5) -> float:
+    """Median time of ``fn`` per call, over ``reps`` timings of ``inner`` back-to-back calls (CUDA events on a
+    GPU): back to back, the launch of the next call overlaps the current one, as in a real forward."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -52,14 +54,16 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int = 3,
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / inner)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 
@@ -73,7 +77,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     n = 8192 if device.type == "cuda" else 512
     a = torch.randn(n, n, generator=gen, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, generator=gen, device=device, dtype=torch.bfloat16)
-    t_mm = median_seconds(lambda: a @ b, device, reps=10)
+    t_mm = median_seconds(lambda: a @ b, device, reps=10, inner=3)
     del src, dst, a, b
     return {"copy_GBps": 2 * n_copy * 2 / t_copy / 1e9, "copy_bytes": 4 * n_copy,
             "matmul_TFLOPs": 2 * n**3 / t_mm / 1e12, "matmul_n": n}
@@ -176,8 +180,12 @@ def quantizer_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, TensorQuantizer) and getattr(m, "_amax", None) is not None}
 
 
-def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """One fresh model, calibrated on 1 warm-up + ``n_batches`` batches; returns (figures, amax by quantizer)."""
+def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
+                    profile_path: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One fresh model, calibrated on 1 warm-up + ``n_batches`` batches; returns (figures, amax by quantizer).
+
+    ``profile_path``: write torch.profiler's table of the second timed batch there (needs 2 timed batches).
+    """
     from deepseek_ptq.model.load import build_model, checkpoint_dir
     from deepseek_ptq.model.parallel import Parallel
     from deepseek_ptq.quant import fast_calib
@@ -199,14 +207,29 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int) -> tupl
         _sync(device)
         t_build = time.perf_counter() - t0
         stamps: list[float] = []
+        profiler = None
 
-        def on_batch(_: int) -> None:
+        def on_batch(i: int) -> None:
+            nonlocal profiler
             _sync(device)
-            stamps.append(time.perf_counter())
+            if i <= n_batches:
+                stamps.append(time.perf_counter())
+            if profile_path and i == n_batches:  # one more batch, after the timed ones, under the profiler
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                profiler = torch.profiler.profile(activities=activities)
+                profiler.start()
+            elif profiler is not None and i == n_batches + 1:
+                profiler.stop()
+                key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+                with open(profile_path, "w") as f:
+                    f.write(profiler.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
 
         mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
         t1 = time.perf_counter()
-        calibrate(model, mtq_cfg, setup.batches[:1 + n_batches], mode == "all_experts", device, False, on_batch=on_batch)
+        count = 1 + n_batches + (1 if profile_path else 0)
+        calibrate(model, mtq_cfg, setup.batches[:count], mode == "all_experts", device, False, on_batch=on_batch)
         t_end = time.perf_counter()
         per_batch = [b - a for a, b in zip(stamps, stamps[1:])]
         report = fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
@@ -249,7 +272,7 @@ def compare_amax(plain: dict[str, torch.Tensor], fast: dict[str, torch.Tensor]) 
     """Per group of quantizers: how many amax agree bit for bit, and the largest relative gap."""
     groups: dict[str, dict[str, Any]] = {}
     for name in sorted(set(plain) | set(fast)):
-        g = groups.setdefault(_group(name), {"compared": 0, "identical": 0, "missing": 0, "max_rel": 0.0})
+        g = groups.setdefault(_group(name), {"compared": 0, "identical": 0, "missing": 0, "max_rel": 0.0, "worst": None})
         if name not in plain or name not in fast:
             g["missing"] += 1
             continue
@@ -257,8 +280,92 @@ def compare_amax(plain: dict[str, torch.Tensor], fast: dict[str, torch.Tensor]) 
         g["compared"] += 1
         g["identical"] += int(torch.equal(a, b))
         rel = ((a - b).abs() / a.abs().clamp_min(1e-30)).max().item() if a.shape == b.shape else float("inf")
-        g["max_rel"] = max(g["max_rel"], rel)
+        if rel > g["max_rel"]:
+            g["max_rel"], g["worst"] = rel, [name, a.max().item(), b.max().item()]
     return groups
+
+
+# ---------------------------------------------------------------------------------------------- grouped GEMMs
+
+GROUPED_VARIANTS = [("tokens_m", False), ("tokens_m", True), ("weights_m", False), ("weights_m", True)]
+
+
+def bench_grouped(device: torch.device, args: ModelArgs, num_tokens: int) -> dict[str, Any]:
+    """One MoE layer's routed GEMMs (w1|w3, then w2) at the model's shapes, routed by a random gate of the
+    model's kind, per grouped-GEMM layout (quant/fast_moe.py): time, bytes and FLOP rates, agreement."""
+    from deepseek_ptq.model.moe import Gate
+    from deepseek_ptq.quant.fast_moe import grouped_linear
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    n, dim, inter = args.n_routed_experts, args.dim, args.moe_inter_dim
+    bf16 = torch.bfloat16
+    w13 = torch.randn(n, 2 * inter, dim, generator=gen, device=device, dtype=bf16) * dim ** -0.5
+    w2 = torch.randn(n, dim, inter, generator=gen, device=device, dtype=bf16) * inter ** -0.5
+    with torch.device(device):
+        gate = Gate(args)
+    gate.weight.data.copy_(torch.randn(gate.weight.shape, generator=gen, device=device) * dim ** -0.5)
+    if gate.bias is not None:
+        gate.bias.data.copy_(torch.randn(gate.bias.shape, generator=gen, device=device) * 0.05)
+    x = torch.randn(num_tokens, dim, generator=gen, device=device, dtype=bf16)
+    _, indices = gate(x)
+    expert = indices.reshape(-1)
+    order = torch.argsort(expert, stable=True)
+    sizes = torch.bincount(expert, minlength=n)
+    ends = sizes.cumsum(0).to(torch.int32)
+    rows = order.numel()
+    flops = 2 * rows * 3 * dim * inter
+    out: dict[str, Any] = {"tokens": num_tokens, "routings": rows, "experts": n,
+                           "tokens_per_expert": {"min": int(sizes.min()), "median": float(sizes.float().median()),
+                                                 "max": int(sizes.max())},
+                           "weight_bytes": (w13.numel() + w2.numel()) * 2, "variants": []}
+    reference = None
+    for layout, pad in GROUPED_VARIANTS:
+        entry: dict[str, Any] = {"layout": layout, "pad": pad}
+        try:
+            padded = max(rows, n * 129) if pad else rows
+            xs = torch.zeros(padded, dim, device=device, dtype=bf16)
+            xs[:rows] = x.index_select(0, order // indices.shape[1])
+            a = grouped_linear(xs, w13, ends, layout)
+            h = torch.zeros(padded, inter, device=device, dtype=bf16)
+            h[:rows] = torch.nn.functional.silu(a[:rows, :inter]) * a[:rows, inter:]
+            y = grouped_linear(h, w2, ends, layout)[:rows].float()
+            if reference is None:
+                reference = y
+            entry["rel_diff_to_first"] = ((y - reference).norm() / reference.norm()).item()
+            entry["w13_us"] = median_seconds(lambda: grouped_linear(xs, w13, ends, layout), device, reps=10, inner=3) * 1e6
+            entry["w2_us"] = median_seconds(lambda: grouped_linear(h, w2, ends, layout), device, reps=10, inner=3) * 1e6
+            total = (entry["w13_us"] + entry["w2_us"]) / 1e6
+            entry.update({"total_us": total * 1e6, "weight_GBps": out["weight_bytes"] / total / 1e9,
+                          "TFLOPs": flops / total / 1e12})
+            del xs, a, h, y
+        except Exception as err:  # a layout this torch build refuses: recorded, not fatal
+            entry["error"] = repr(err)[:300]
+        out["variants"].append(entry)
+    out["all_experts_gemm"] = check_stacked_gemm(x, w13)
+    return out
+
+
+def check_stacked_gemm(x: torch.Tensor, w13: torch.Tensor, experts: int = 32) -> dict[str, Any]:
+    """max |silu(x w1^T) * (x w3^T)| per expert three ways: the plain path's calls (one F.linear per weight), one
+    GEMM over several experts' stacked weights, and float32; the largest relative gaps between them."""
+    F = torch.nn.functional
+    inter = w13.shape[1] // 2
+    experts = min(experts, w13.shape[0])
+    a = F.linear(x, w13[:experts].reshape(-1, x.shape[1])).view(x.shape[0], experts, 2, inter)
+    stacked = torch.linalg.vector_norm(F.silu(a[:, :, 0]) * a[:, :, 1], float("inf"), dim=(0, 2)).float()
+    del a
+    per, exact = [], []
+    for e in range(experts):
+        per.append(torch.linalg.vector_norm(F.silu(F.linear(x, w13[e, :inter])) * F.linear(x, w13[e, inter:]), float("inf")))
+        xf = x.float()
+        exact.append((F.silu(xf @ w13[e, :inter].float().T) * (xf @ w13[e, inter:].float().T)).abs().max())
+    per_t, exact_t = torch.stack(per).float(), torch.stack(exact)
+
+    def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).abs() / b).max().item()
+
+    return {"experts": experts, "stacked_vs_per_expert": gap(stacked, per_t), "per_expert_vs_fp32": gap(per_t, exact_t),
+            "stacked_vs_fp32": gap(stacked, exact_t), "differ": int((stacked != per_t).sum())}
 
 
 # ---------------------------------------------------------------------------------------------- fixup at W=8
@@ -274,7 +381,7 @@ def fixup_shape_args(n_layers: int = 61, n_dense_layers: int = 3) -> ModelArgs:
 
 
 def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_layers: int = 61,
-                repeats: int = 3) -> dict[str, Any]:
+                repeats: int = 3, profile_path: str | None = None) -> dict[str, Any]:
     """The fixup's own time for rank 0 of a W-rank layout (its 256/W experts per layer), in one process.
 
     The collective runs over a process group of one rank: its payload is one vector of a few hundred floats,
@@ -295,8 +402,9 @@ def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_lay
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                init_method=f"tcp://127.0.0.1:{free_port()}", device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None)
     try:
         args = fixup_shape_args(n_layers)
         par = Parallel(rank=0, world_size=world_size, group=dist.group.WORLD)
@@ -322,6 +430,17 @@ def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_lay
             result[label] = {"first_s": times[0], "repeat_median_s": statistics.median(times[1:]) if repeats else None,
                              "synced_input_amax": report.synced_input_amax, "tp_synced_amax": report.tp_synced_amax,
                              "collectives": report.collectives}
+        if profile_path:  # where the fast fixup's time goes (Python profile of one more call)
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(fast_fixup, model, par, True, device)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+            with open(profile_path, "w") as f:
+                f.write(text.getvalue())
         return result
     finally:
         if created:
@@ -360,6 +479,14 @@ def format_table(results: dict[str, Any]) -> str:
     for row in results["dequant"]:
         lines.append(f"fp8 dequant {row['shape']}: {row['us']:.1f} us, {row['GBps']:.0f} GB/s = "
                      f"{row['pct_of_copy']:.0f}% of copy (bit-identical: {row['bit_identical_to_torch']})")
+    grouped = results.get("grouped")
+    if grouped:
+        lines.append(f"grouped GEMMs of one MoE layer ({grouped['routings']} routings, tokens per expert "
+                     f"{grouped['tokens_per_expert']}); used: {grouped.get('used')}")
+        for v in grouped["variants"]:
+            lines.append(f"  {v['layout']:<10}{'pad' if v['pad'] else '':<4}" + (
+                f"w13 {v['w13_us']:.0f} us, w2 {v['w2_us']:.0f} us, weights at {v['weight_GBps']:.0f} GB/s, "
+                f"{v['TFLOPs']:.0f} TFLOP/s, rel diff {v['rel_diff_to_first']:.1e}" if "total_us" in v else v.get("error", "")))
     head = f"{'mode':<12}{'path':<6}{'batches':>8}{'s/batch':>10}{'tok/s':>10}{'floor s':>9}{'ratio':>7}" \
            f"{'fixup ms':>10}{'fast fixup ms':>14}{'peak GB':>9}{'setup s':>9}"
     lines += [head, "-" * len(head)]
@@ -393,16 +520,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixup-layers", type=int, default=61, help="layers of the W=8 fixup model (0: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
+    parser.add_argument("--grouped", default="default",
+                        help="grouped-GEMM layout on the GPU: default (fast_moe's), auto (the fastest measured), "
+                             "skip (no measurement), or LAYOUT[,pad] (tokens_m, weights_m)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="write torch.profiler's table of one extra batch of each mode's fast run here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default model=ds_v3_slice quant=nvfp4 ...)")
     opts = parser.parse_args(argv)
     results = run_bench(opts.overrides, [m.strip() for m in opts.modes.split(",") if m.strip()], opts.batches,
-                        opts.plain_batches, opts.fixup_layers, torch.device(opts.device), opts.out)
+                        opts.plain_batches, opts.fixup_layers, torch.device(opts.device), opts.out, opts.profile_dir,
+                        opts.grouped)
     print(format_table(results))
     return 0
 
 
 def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batches: int, fixup_layers: int,
-              device: torch.device, out: str | None = None) -> dict[str, Any]:
+              device: torch.device, out: str | None = None, profile_dir: str | None = None,
+              grouped: str = "default") -> dict[str, Any]:
     """Everything ``main`` prints, as a dict (written to ``out`` after each step, so a crash keeps what ran)."""
     from deepseek_ptq.data import make_batches
     from deepseek_ptq.model.load import checkpoint_dir, resolve_args
@@ -411,7 +545,7 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
                 "data.seq_len=512"]
     chosen = {o.split("=", 1)[0] for o in overrides}
     base = [d for d in defaults if d.split("=", 1)[0] not in chosen] + overrides
-    cfg = compose(base + [f"data.num_samples={(1 + max(n_batches, plain_batches)) * _batch_size(base)}"])
+    cfg = compose(base + [f"data.num_samples={(2 + max(n_batches, plain_batches)) * _batch_size(base)}"])
     args = resolve_args(cfg.model)
     batches = make_batches(cfg.data, args.vocab_size, str(checkpoint_dir(cfg.model, args, 1)), 0).calib
     setup = Setup(cfg, args, device, batches)
@@ -425,6 +559,21 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
     results["ceilings"] = measure_ceilings(device)
     results["dequant"] = measure_dequant(device, results["ceilings"]["copy_GBps"])
     save()
+    if device.type == "cuda" and grouped != "skip":
+        from deepseek_ptq.quant import fast_moe
+
+        results["grouped"] = bench_grouped(device, args, batches[0].numel())
+        gc.collect()
+        torch.cuda.empty_cache()
+        timed = [v for v in results["grouped"]["variants"] if "total_us" in v]
+        if grouped == "auto" and timed:
+            best = min(timed, key=lambda v: v["total_us"])
+            fast_moe.GROUPED_GPU.update(layout=best["layout"], pad=best["pad"])
+        elif grouped not in ("auto", "default"):
+            layout, _, pad = grouped.partition(",")
+            fast_moe.GROUPED_GPU.update(layout=layout, pad=pad == "pad")
+        results["grouped"]["used"] = dict(fast_moe.GROUPED_GPU)
+        save()
     batch, seq = batches[0].shape
     flops = calib_flops(args, batch, seq)
     results["flops_per_batch"] = flops
@@ -435,7 +584,9 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
         amax = {}
         for fast, count in runs:
             print(f"[bench] {mode} {'fast' if fast else 'plain'} x{count}", file=sys.stderr, flush=True)
-            result, amax[(fast, count)] = run_calibration(setup, mode, fast, count)
+            profile = os.path.join(profile_dir, f"profile_{mode}_{'fast' if fast else 'plain'}.txt") \
+                if profile_dir and count >= 1 and (fast, count) == runs[0] else None
+            result, amax[(fast, count)] = run_calibration(setup, mode, fast, count, profile)
             result.update(floor_seconds(flops[mode], result["fp8_weight_bytes"], results["ceilings"]))
             if result["s_per_batch"]:
                 result["ratio"] = result["s_per_batch"] / result["floor_s"]
@@ -450,7 +601,8 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
                 amax[(False, plain_batches)], amax[(True, plain_batches)])
             save()
     if fixup_layers:
-        results["fixup_w8"] = bench_fixup(device, cfg.quant, n_layers=fixup_layers)
+        results["fixup_w8"] = bench_fixup(device, cfg.quant, n_layers=fixup_layers,
+                                          profile_path=os.path.join(profile_dir, "profile_fast_fixup.txt") if profile_dir else None)
         save()
     return results
 

@@ -244,3 +244,40 @@ def batched_fp8_block_dequant(weights: torch.Tensor, scales: torch.Tensor, dtype
     _launch(weights, scales, out, None, write_out=True, want_amax=False,
             round_dtype=tl.float32, config=config)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MoE combine: each token's weighted expert outputs, summed in a fixed order with one bf16 rounding per step.
+
+
+@triton.jit
+def _moe_combine_kernel(out_ptr, pos_ptr, w_ptr, y_ptr, D, stride_out, stride_y,
+                        K: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(K):
+        p = tl.load(pos_ptr + t * K + j).to(tl.int64)
+        w = tl.load(w_ptr + t * K + j).to(tl.float32)
+        o = tl.load(out_ptr + p * stride_out + cols, mask=cmask & (p >= 0), other=0.0).to(tl.float32)
+        # torch's bf16 ops: the product rounded to bf16, then the running sum rounded to bf16 after each add
+        # (a float32 sum of two bf16 values rounded once to bf16 is the correctly rounded bf16 sum).
+        c = (o * w).to(tl.bfloat16).to(tl.float32)
+        acc = (acc + c).to(tl.bfloat16).to(tl.float32)
+    tl.store(y_ptr + t * stride_y + cols, acc.to(tl.bfloat16), mask=cmask)
+
+
+def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, block_d: int = 1024) -> torch.Tensor:
+    """y[t] = sum over j of bf16(out[pos[t, j]] * weights[t, j]), added in j order from 0 with bf16 rounding
+    after each step (pos < 0: nothing added), bit for bit what the same sequence of torch bf16 ops gives."""
+    if out.dtype != torch.bfloat16 or weights.dtype != torch.bfloat16 or out.stride(-1) != 1:
+        raise ValueError("moe_combine takes bf16 rows with unit column stride and bf16 weights")
+    num_tokens, k = pos.shape
+    pos, weights = pos.contiguous(), weights.contiguous()
+    y = torch.empty(num_tokens, out.shape[1], dtype=out.dtype, device=out.device)
+    if num_tokens:
+        grid = (num_tokens, triton.cdiv(out.shape[1], block_d))
+        _moe_combine_kernel[grid](out, pos, weights, y, out.shape[1], out.stride(0), y.stride(0),
+                                  K=k, BLOCK_D=block_d, num_warps=4)
+    return y

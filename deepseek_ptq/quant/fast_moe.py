@@ -28,10 +28,6 @@ from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Linear
 from deepseek_ptq.quant.running_max import NOTHING_SEEN, merge_into_calibrators
 
-# Bytes of GEMM output per chunk of experts in all-experts mode: bounds the scratch memory.
-ALL_EXPERTS_CHUNK_BYTES = 1 << 30
-
-
 @functools.cache
 def _triton_dequant():
     try:
@@ -103,12 +99,58 @@ def _segment_max_(acc: torch.Tensor, segment: torch.Tensor, values: torch.Tensor
     acc.scatter_reduce_(0, segment, values.float(), reduce="amax")
 
 
+def moe_combine_torch(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y[t] = bf16 sum over j (in order, from 0) of out[pos[t, j]] * weights[t, j]; pos < 0 adds nothing."""
+    y = torch.zeros(pos.shape[0], out.shape[1], dtype=out.dtype, device=out.device)
+    for j in range(pos.shape[1]):
+        rows = out.index_select(0, pos[:, j].clamp_min(0)) * weights[:, j, None]
+        y += torch.where((pos[:, j] >= 0).unsqueeze(-1), rows, 0)
+    return y
+
+
+@functools.cache
+def _triton_combine():
+    try:
+        from deepseek_ptq.model import triton_kernels
+    except Exception:
+        return None
+    return triton_kernels.moe_combine
+
+
+def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The combine in one Triton kernel on a GPU (one read of the expert outputs), else the torch ops (same bits)."""
+    kernel = _triton_combine() if out.is_cuda and out.dtype == torch.bfloat16 else None
+    return kernel(out, pos, weights) if kernel is not None else moe_combine_torch(out, pos, weights)
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of each row in x's dtype, in one pass (no |x| temporary); the same value as x.abs().amax(-1)."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=-1)
+
+
+# How the grouped GEMMs are laid out (benchmarks/NOTES.md has the measurements):
+#   "tokens_m": tokens are the GEMM's rows (2-D x 3-D); "weights_m": each expert's weight rows are the GEMM's rows
+#   and its tokens the columns (3-D x 2-D, transposed result). pad: more rows than routings, so that torch's
+#   heuristic (average group size above 128) picks its large tile. The CPU keeps "tokens_m" without padding:
+#   there torch runs one mm per group, bit-identical to one F.linear per expert.
+GROUPED_GPU = {"layout": "tokens_m", "pad": False}
+GROUPED_CPU = {"layout": "tokens_m", "pad": False}
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rows [ends[g-1], ends[g]) of x times w[g]^T (rows past ends[-1] are left unwritten): [rows, out]."""
+    if layout == "weights_m":
+        return torch._grouped_mm(w, x.t(), offs=ends).t()
+    return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+
+
 def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor, stats: ExpertStats | None) -> torch.Tensor:
     """This rank's part of the routed experts' output (before the all-reduce), as the plain loop computes it."""
     num_tokens, topk = indices.shape
     n_local = moe.experts_end - moe.experts_start
     inter = w2.shape[-1]
+    grouped = GROUPED_GPU if x.is_cuda else GROUPED_CPU
     # Each token's slots in ascending expert order: the order in which the plain path adds them up.
     indices, slot_order = indices.sort(dim=1)
     weights = weights.gather(1, slot_order)
@@ -119,41 +161,44 @@ def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: to
     # Group ends for the grouped GEMM, counted with a scatter-add (bincount would wait for the device).
     sizes = torch.zeros(n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(0, segment, torch.ones_like(segment))
     ends = sizes[:n_local].cumsum(0).to(torch.int32)
-    token = order // topk
-    a = torch._grouped_mm(x.index_select(0, token), w13.transpose(1, 2), offs=ends)
-    h = F.silu(a[:, :inter]) * a[:, inter:]
-    out = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
+    rows = order.numel()
+    padded = max(rows, n_local * 129) if grouped["pad"] else rows
+    xs = x.new_empty(padded, x.shape[1])
+    torch.index_select(x, 0, order // topk, out=xs[:rows])
+    a = grouped_linear(xs, w13, ends, grouped["layout"])
+    h = x.new_empty(padded, inter)
+    torch.mul(F.silu(a[:rows, :inter]), a[:rows, inter:], out=h[:rows])
+    out = grouped_linear(h, w2, ends, grouped["layout"])[:rows]
+    if out.stride(-1) != 1:
+        out = out.contiguous()
     sorted_segment = segment.index_select(0, order)
     if stats is not None:
         # Rows past the last local expert hold no result (the grouped GEMM skips them): slot n_local, ignored.
-        _segment_max_(stats.w13, segment, x.abs().amax(dim=-1).repeat_interleave(topk))
-        _segment_max_(stats.w2, sorted_segment, h.abs().amax(dim=-1))
-    contrib = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        _segment_max_(stats.w13, segment, row_absmax(x).repeat_interleave(topk))
+        _segment_max_(stats.w2, sorted_segment, row_absmax(h[:rows]))
+    # Where each slot's output row is (-1: another rank's expert), then the per-token sums.
+    pos = torch.empty_like(order).index_copy_(0, order, torch.arange(rows, device=x.device))
     if n_local < moe.n_routed_experts:
-        contrib = torch.where((sorted_segment < n_local).unsqueeze(-1), contrib, 0)
-    slots = torch.empty_like(contrib).index_copy_(0, order, contrib).view(num_tokens, topk, -1)
-    y = torch.zeros_like(x)
-    for j in range(topk):
-        y += slots[:, j]  # one bf16 rounding per expert, in ascending expert order (adding 0 is exact)
-    return y
+        pos = torch.where(local, pos, -1)
+    return moe_combine(out, pos.view(num_tokens, topk), weights)
 
 
-def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats,
-                    chunk_bytes: int = ALL_EXPERTS_CHUNK_BYTES) -> None:
-    """All-experts statistics: every local expert's w1/w3 and w2 input amax over all tokens of ``x``."""
+def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> None:
+    """All-experts statistics: every local expert's w1/w3 and w2 input amax over all tokens of ``x``.
+
+    One expert at a time, with the plain path's own GEMM calls (all tokens times w1, then times w3, each an
+    F.linear of the same shapes and layouts): the same kernels on the same operands give the same bits, and at
+    thousands of tokens each GEMM fills the GPU anyway. (One GEMM over many experts' stacked weights changed
+    some amax by up to 18% on an H200: benchmarks/NOTES.md.) The w2 GEMM is skipped: its output is discarded.
+    """
     if x.shape[0] == 0:
         return
-    n_local, two_inter, dim = w13.shape
+    n_local, two_inter, _ = w13.shape
     inter = two_inter // 2
-    stats.w13[:n_local] = torch.maximum(stats.w13[:n_local], x.abs().amax().float())
-    per_expert = x.shape[0] * two_inter * x.element_size()
-    chunk = max(1, min(n_local, chunk_bytes // per_expert))
-    for start in range(0, n_local, chunk):
-        w = w13[start:start + chunk]
-        a = F.linear(x, w.reshape(-1, dim)).view(x.shape[0], w.shape[0], 2, inter)
-        h = F.silu(a[:, :, 0]) * a[:, :, 1]
-        part = stats.w2[start:start + w.shape[0]]
-        torch.maximum(part, h.abs().amax(dim=(0, 2)).float(), out=part)
+    stats.w13[:n_local] = torch.maximum(stats.w13[:n_local], torch.linalg.vector_norm(x, float("inf")).float())
+    h_max = [torch.linalg.vector_norm(F.silu(F.linear(x, w13[e, :inter])) * F.linear(x, w13[e, inter:]), float("inf"))
+             for e in range(n_local)]
+    torch.maximum(stats.w2[:n_local], torch.stack(h_max).float(), out=stats.w2[:n_local])
 
 
 class FastMoE:
@@ -177,7 +222,7 @@ class FastMoE:
         self.dtype = x.dtype
         w13, w2 = self.weights()
         if self.all_experts:
-            all_token_stats(x, w13, self.stats, ALL_EXPERTS_CHUNK_BYTES)
+            all_token_stats(x, w13, self.stats)
         return routed_forward(moe, x, weights, indices, w13, w2, self.stats)
 
     def flush(self) -> None:
