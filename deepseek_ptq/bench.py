@@ -285,9 +285,37 @@ def compare_amax(plain: dict[str, torch.Tensor], fast: dict[str, torch.Tensor]) 
     return groups
 
 
+def check_combine(device: torch.device) -> dict[str, Any]:
+    """The Triton combine against the torch ops on fresh random data; the torch ops are used if they differ."""
+    from deepseek_ptq.quant import fast_moe
+
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    rows, dim, tokens, k = 32768, 7168, 4096, 8
+    out = (torch.randn(rows, dim, generator=gen, device=device) * 3).bfloat16()
+    pos = torch.randperm(rows, generator=gen, device=device).view(tokens, k)
+    weights = torch.rand(tokens, k, generator=gen, device=device).bfloat16()
+    result: dict[str, Any] = {}
+    try:
+        from deepseek_ptq.model import triton_kernels
+
+        got = triton_kernels.moe_combine(out, pos, weights)
+        want = fast_moe.moe_combine_torch(out, pos, weights)
+        result["identical"] = bool(torch.equal(got, want))
+        result["differing_elements"] = int((got != want).sum())
+        result["triton_us"] = median_seconds(lambda: triton_kernels.moe_combine(out, pos, weights), device) * 1e6
+        result["torch_us"] = median_seconds(lambda: fast_moe.moe_combine_torch(out, pos, weights), device) * 1e6
+    except Exception as err:
+        result["error"] = repr(err)[:300]
+    if not result.get("identical"):
+        fast_moe.COMBINE = "torch"
+    result["used"] = fast_moe.COMBINE
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- grouped GEMMs
 
-GROUPED_VARIANTS = [("tokens_m", False), ("tokens_m", True), ("weights_m", False), ("weights_m", True)]
+# ("weights_m" fails on CUDA: torch 2.11 asserts that every group's token count is a multiple of 8.)
+GROUPED_VARIANTS = [("tokens_m", False), ("tokens_m", True)]
 
 
 def bench_grouped(device: torch.device, args: ModelArgs, num_tokens: int) -> dict[str, Any]:
@@ -500,6 +528,8 @@ def format_table(results: dict[str, Any]) -> str:
     for key, cmp in results.get("fast_vs_plain", {}).items():
         lines.append(f"fast vs plain amax, {key}: " + "; ".join(
             f"{g}: {v['identical']}/{v['compared']} identical, max rel {v['max_rel']:.2e}" for g, v in cmp.items()))
+    if results.get("combine_check"):
+        lines.append(f"combine kernel check: {results['combine_check']}")
     if results.get("fixup_w8"):
         f = results["fixup_w8"]
         for label in ("fixup", "fast_fixup"):
@@ -559,6 +589,9 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
     results["ceilings"] = measure_ceilings(device)
     results["dequant"] = measure_dequant(device, results["ceilings"]["copy_GBps"])
     save()
+    if device.type == "cuda":
+        results["combine_check"] = check_combine(device)
+        save()
     if device.type == "cuda" and grouped != "skip":
         from deepseek_ptq.quant import fast_moe
 
@@ -601,8 +634,11 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
                 amax[(False, plain_batches)], amax[(True, plain_batches)])
             save()
     if fixup_layers:
-        results["fixup_w8"] = bench_fixup(device, cfg.quant, n_layers=fixup_layers,
-                                          profile_path=os.path.join(profile_dir, "profile_fast_fixup.txt") if profile_dir else None)
+        try:
+            results["fixup_w8"] = bench_fixup(device, cfg.quant, n_layers=fixup_layers, profile_path=os.path.join(
+                profile_dir, "profile_fast_fixup.txt") if profile_dir else None)
+        except Exception as err:  # keep what the runs measured
+            results["fixup_w8_error"] = repr(err)[:500]
         save()
     return results
 

@@ -117,9 +117,14 @@ def _triton_combine():
     return triton_kernels.moe_combine
 
 
+# "triton": one kernel on a GPU (one read of the expert outputs); "torch": the torch ops everywhere.
+COMBINE = "triton"
+
+
 def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The combine in one Triton kernel on a GPU (one read of the expert outputs), else the torch ops (same bits)."""
-    kernel = _triton_combine() if out.is_cuda and out.dtype == torch.bfloat16 else None
+    """The combine in one Triton kernel on a GPU, else the torch ops (the same bits: tests/test_fast_path.py)."""
+    use_kernel = COMBINE == "triton" and out.is_cuda and out.dtype == torch.bfloat16
+    kernel = _triton_combine() if use_kernel else None
     return kernel(out, pos, weights) if kernel is not None else moe_combine_torch(out, pos, weights)
 
 
@@ -130,9 +135,10 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
 
 # How the grouped GEMMs are laid out (benchmarks/NOTES.md has the measurements):
 #   "tokens_m": tokens are the GEMM's rows (2-D x 3-D); "weights_m": each expert's weight rows are the GEMM's rows
-#   and its tokens the columns (3-D x 2-D, transposed result). pad: more rows than routings, so that torch's
-#   heuristic (average group size above 128) picks its large tile. The CPU keeps "tokens_m" without padding:
-#   there torch runs one mm per group, bit-identical to one F.linear per expert.
+#   and its tokens the columns (3-D x 2-D, transposed result; on CUDA torch 2.11 requires every group's token
+#   count to be a multiple of 8, which routing does not give: CPU only). pad: more rows than routings, so that
+#   torch's heuristic (average group size above 128) picks its large tile. The CPU keeps "tokens_m" without
+#   padding: there torch runs one mm per group, bit-identical to one F.linear per expert.
 GROUPED_GPU = {"layout": "tokens_m", "pad": False}
 GROUPED_CPU = {"layout": "tokens_m", "pad": False}
 
