@@ -286,7 +286,7 @@ def compare_amax(plain: dict[str, torch.Tensor], fast: dict[str, torch.Tensor]) 
 
 
 def check_combine(device: torch.device) -> dict[str, Any]:
-    """The Triton combine against the torch ops on fresh random data; the torch ops are used if they differ."""
+    """The Triton combine against the torch ops at the slice's shapes, and which one the fast path uses."""
     from deepseek_ptq.quant import fast_moe
 
     gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -306,9 +306,8 @@ def check_combine(device: torch.device) -> dict[str, Any]:
         result["torch_us"] = median_seconds(lambda: fast_moe.moe_combine_torch(out, pos, weights), device) * 1e6
     except Exception as err:
         result["error"] = repr(err)[:300]
-    if not result.get("identical"):
-        fast_moe.COMBINE = "torch"
-    result["used"] = fast_moe.COMBINE
+    result["used"] = "triton" if fast_moe.COMBINE == "triton" or (
+        fast_moe.COMBINE == "auto" and fast_moe.triton_combine_is_exact(device)) else "torch"
     return result
 
 

@@ -251,6 +251,17 @@ def batched_fp8_block_dequant(weights: torch.Tensor, scales: torch.Tensor, dtype
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """x (float32) rounded to the nearest bfloat16, ties to even, returned as float32. Integer ops on the bits
+    (the rounding torch's BFloat16 uses): a float32 -> bf16 -> float32 round trip written with casts was not
+    kept by the compiler on an H200 (the sums came out rounded once, not per step: benchmarks/NOTES.md).
+    Finite values only: a NaN may come out as inf (still non-finite, which calibration refuses)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _moe_combine_kernel(out_ptr, pos_ptr, w_ptr, y_ptr, D, stride_out, stride_y,
                         K: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -261,10 +272,9 @@ def _moe_combine_kernel(out_ptr, pos_ptr, w_ptr, y_ptr, D, stride_out, stride_y,
         p = tl.load(pos_ptr + t * K + j).to(tl.int64)
         w = tl.load(w_ptr + t * K + j).to(tl.float32)
         o = tl.load(out_ptr + p * stride_out + cols, mask=cmask & (p >= 0), other=0.0).to(tl.float32)
-        # torch's bf16 ops: the product rounded to bf16, then the running sum rounded to bf16 after each add
-        # (a float32 sum of two bf16 values rounded once to bf16 is the correctly rounded bf16 sum).
-        c = (o * w).to(tl.bfloat16).to(tl.float32)
-        acc = (acc + c).to(tl.bfloat16).to(tl.float32)
+        # torch's bf16 ops: the product rounded to bf16 (exact in float32 first), then the running sum rounded
+        # to bf16 after each add (a float32 sum of two bf16 values rounded once is the correctly rounded sum).
+        acc = _round_to_bf16(acc + _round_to_bf16(o * w))
     tl.store(y_ptr + t * stride_y + cols, acc.to(tl.bfloat16), mask=cmask)
 
 

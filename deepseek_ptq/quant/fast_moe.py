@@ -19,6 +19,7 @@ may round differently from one cuBLAS call per expert (benchmarks/NOTES.md gives
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -117,15 +118,33 @@ def _triton_combine():
     return triton_kernels.moe_combine
 
 
-# "triton": one kernel on a GPU (one read of the expert outputs); "torch": the torch ops everywhere.
-COMBINE = "triton"
+# "auto": the Triton kernel on a GPU where a check on random data finds it bit-identical to the torch ops
+# (once per device), else the torch ops; "triton" / "torch" force one.
+COMBINE = "auto"
+
+
+@functools.cache
+def triton_combine_is_exact(device: torch.device) -> bool:
+    """The Triton combine against the torch ops on fresh random data on ``device`` (a few milliseconds, once)."""
+    kernel = _triton_combine()
+    if kernel is None:
+        return False
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    rows, dim, tokens, k = 4096, 2048, 1024, 8
+    out = (torch.randn(rows, dim, generator=gen, device=device) * 3).bfloat16()
+    pos = torch.randint(-1, rows, (tokens, k), generator=gen, device=device)
+    weights = torch.rand(tokens, k, generator=gen, device=device).bfloat16()
+    try:
+        return bool(torch.equal(kernel(out, pos, weights), moe_combine_torch(out, pos, weights)))
+    except Exception:  # a kernel that does not compile or run here: the torch ops do the work
+        return False
 
 
 def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The combine in one Triton kernel on a GPU, else the torch ops (the same bits: tests/test_fast_path.py)."""
-    use_kernel = COMBINE == "triton" and out.is_cuda and out.dtype == torch.bfloat16
-    kernel = _triton_combine() if use_kernel else None
-    return kernel(out, pos, weights) if kernel is not None else moe_combine_torch(out, pos, weights)
+    """The combine in one Triton kernel on a GPU (one read of the expert outputs), else the torch ops."""
+    use_kernel = out.is_cuda and out.dtype == torch.bfloat16 and (
+        COMBINE == "triton" or (COMBINE == "auto" and triton_combine_is_exact(out.device)))
+    return _triton_combine()(out, pos, weights) if use_kernel else moe_combine_torch(out, pos, weights)
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
