@@ -78,7 +78,11 @@ class _ModelBase:
     config: Optional[str] = None
     # Folder of model{rank}-mp{W}.safetensors; None: a seeded checkpoint generated into cache_dir on first use.
     ckpt_dir: Optional[str] = None
+    # A checkpoint shipped in the package (deepseek_ptq/model/<name>/), used when ckpt_dir is None (model=tiny).
+    packaged_ckpt: Optional[str] = None
     seed: int = 0
+    # Draw random weights on the device from `seed` instead of loading a checkpoint (model=ds_v3_slice).
+    random_weights: bool = False
     cache_dir: str = "${oc.env:DEEPSEEK_PTQ_CACHE,${oc.env:HOME,.}/.cache/deepseek_ptq}"
 
 
