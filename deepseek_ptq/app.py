@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from deepseek_ptq import rundir
 from deepseek_ptq.config import choice, register_schema
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.launch import RankFailed, joined_rank, rank_main, spawn
+from deepseek_ptq.launch import (RankFailed, Terminated, joined_rank, let_rank0_record_first, rank_main, spawn,
+                                 stop_on_sigterm)
 
 log = logging.getLogger("deepseek_ptq")
 # The config groups live beside the package in the source tree (an editable install, as README says).
@@ -35,12 +36,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
         rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
     world_size = cfg.parallel.world_size
     if joined is not None:
+        stop_on_sigterm()
         if joined.world_size != world_size:
             err = UserError(f"parallel={cfg.parallel.name} asks for {world_size} ranks but the launcher started "
                             f"{joined.world_size}", fix=f"start {world_size} ranks or pick the matching parallel option")
             if rank == 0:
                 rundir.setup_logging(run_dir, 0)
                 rundir.mark_failed(run_dir, err, rank)
+            let_rank0_record_first(rank)
             raise err
         rank_main(cfg, run_dir if rank == 0 else None, rank, world_size, joined.local_rank, "env://")
     elif world_size == 1:
@@ -67,6 +70,10 @@ def main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode.name == "MULTIRUN":
             return  # one failed job must not stop the sweep; its metrics.json says failed
         sys.exit(1)
+    except Terminated as err:
+        logging.getLogger("deepseek_ptq").error("%s", err)
+        rundir.mark_failed(run_dir, err)
+        sys.exit(128 + 15)
     except BaseException as err:
         rundir.mark_failed(run_dir, err)
         if HydraConfig.get().mode.name == "MULTIRUN" and isinstance(err, Exception):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,27 @@ def joined_rank() -> JoinedRank | None:
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         return JoinedRank(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return None
+
+
+class Terminated(BaseException):
+    """The launcher stopped this rank (torchrun and srun send SIGTERM to the others when one rank fails)."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into an exception, so a joined rank records ``failed`` and closes W&B instead of vanishing
+    with metrics.json still saying ``running``."""
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise Terminated(f"stopped by signal {signum} (another rank failed, or the launcher was stopped)")
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def let_rank0_record_first(rank: int) -> None:
+    """Before a check every rank fails on its own (no process group yet), ranks other than 0 wait a moment:
+    torchrun ends every rank as soon as one exits, and rank 0 is the one that writes metrics.json."""
+    if rank != 0:
+        time.sleep(3.0)
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -186,6 +187,23 @@ def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert metrics(run_dir)["status"] == "failed" and "4 ranks" in metrics(run_dir)["error"]
+
+
+def test_rank_stopped_by_the_launcher_records_failed(tmp_path, cache_dir):
+    # torchrun / srun end the other ranks with SIGTERM when one fails: the run must not stay "running".
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast([])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 60
+    while not (run_dir / "run.log").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-2000:]
+    m = metrics(run_dir)
+    assert m["status"] == "failed" and "signal 15" in m["error"], m
+    assert not (run_dir / "amax").exists()
 
 
 def test_strict_fails_when_experts_keep_no_amax(tmp_path, cache_dir):
