@@ -188,15 +188,12 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
     """
     from deepseek_ptq.model.load import build_model, checkpoint_dir
     from deepseek_ptq.model.parallel import Parallel
-    from deepseek_ptq.quant import fast_calib
     from deepseek_ptq.quant.calibrate import calibrate
     from deepseek_ptq.quant.fast_fixup import fixup as fast_fixup
     from deepseek_ptq.quant.fixup import fixup
     from deepseek_ptq.quant.recipes import build_quant_config
 
     device, cfg = setup.device, setup.cfg
-    previous = os.environ.get(fast_calib.ENV)
-    os.environ[fast_calib.ENV] = "1" if fast else "0"
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -229,7 +226,8 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
         mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
         t1 = time.perf_counter()
         count = 1 + n_batches + (1 if profile_path else 0)
-        calibrate(model, mtq_cfg, setup.batches[:count], mode == "all_experts", device, False, on_batch=on_batch)
+        calibrate(model, mtq_cfg, setup.batches[:count], mode == "all_experts", device, False, on_batch=on_batch,
+                  fast=fast)
         t_end = time.perf_counter()
         per_batch = [b - a for a, b in zip(stamps, stamps[1:])]
         report = fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
@@ -252,10 +250,6 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
         del model
         return result, amax
     finally:
-        if previous is None:
-            os.environ.pop(fast_calib.ENV, None)
-        else:
-            os.environ[fast_calib.ENV] = previous
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -21,7 +21,8 @@ from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.outputs import (gather_to_all, natural_key, quantizer_lines, save_amax, unquantized_linears,
                                   write_quant_summary)
 from deepseek_ptq.quant.calibrate import calibrate
-from deepseek_ptq.quant.fixup import fixup, has_amax, missing_amax
+from deepseek_ptq.quant import fast_fixup, fixup
+from deepseek_ptq.quant.fixup import has_amax, missing_amax
 from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
 from deepseek_ptq.run_summary import write_summary
 from deepseek_ptq.stats import collect, write_csv
@@ -56,10 +57,11 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if run_eval else 0)
     mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
     all_experts = choice(cfg.calib.name) == "all_experts"
-    t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress=rank0)
+    t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress=rank0, fast=cfg.calib.fast)
     tokens = {i: moe.token_counts.tolist() for i, moe in model.moe_layers()}  # before evaluation adds its own
     before = _amax_table(model)
-    report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
+    fixup_impl = fast_fixup.fixup if cfg.calib.fast else fixup.fixup  # same amax and report, one tree walk
+    report = fixup_impl(model, par, sync_experts=cfg.calib.sync, device=device)
     after = _amax_table(model)
     missing = missing_amax(model)
     save_amax(model, run_dir, par.rank, par.world_size)

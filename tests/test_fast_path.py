@@ -38,17 +38,16 @@ def batches(n: int, batch: int = 4, seq: int = 64, seed: int = 1) -> list[torch.
     return [torch.randint(0, TINY.vocab_size, (batch, seq), generator=gen) for _ in range(n)]
 
 
-def calibrated(monkeypatch, fast: bool, all_experts: bool, preset: str, data: list[torch.Tensor],
+def calibrated(fast: bool, all_experts: bool, preset: str, data: list[torch.Tensor],
                device: torch.device = CPU, attn: str | None = None) -> tuple[dict, dict, list[bool]]:
     """(amax by quantizer, amax dtypes, whether each batch ran the fast path) of a fresh tiny model."""
-    monkeypatch.setenv(fast_calib.ENV, "1" if fast else "0")
     with torch.device(device):
         model = Transformer(TINY)
     init_random_(model, 0)
     model.eval()
     used: list[bool] = []
     calibrate(model, build_quant_config(quant_cfg(preset, attn), on_cpu=device.type == "cpu"), data, all_experts,
-              device, False, on_batch=lambda _: used.append(model.layers[1].ffn.fast_path is not None))
+              device, False, on_batch=lambda _: used.append(model.layers[1].ffn.fast_path is not None), fast=fast)
     assert all(moe.fast_path is None for _, moe in model.moe_layers())  # detached after calibration
     dtypes = {n: m._amax.dtype for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and hasattr(m, "_amax")}
     return quantizer_amax(model), dtypes, used
@@ -63,10 +62,10 @@ def assert_identical(plain: tuple, fast: tuple) -> None:
 
 @pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
 @pytest.mark.parametrize("mode", ["topk", "all_experts"])
-def test_fast_path_amax_bit_identical_to_plain(monkeypatch, quant, mode):
+def test_fast_path_amax_bit_identical_to_plain(quant, mode):
     data = batches(3)
-    plain = calibrated(monkeypatch, False, mode == "all_experts", PRESETS[quant], data)
-    fast = calibrated(monkeypatch, True, mode == "all_experts", PRESETS[quant], data)
+    plain = calibrated(False, mode == "all_experts", PRESETS[quant], data)
+    fast = calibrated(True, mode == "all_experts", PRESETS[quant], data)
     assert plain[2] == [False] * 3 and fast[2] == [True] * 3
     assert_identical(plain, fast)
     assert len(fast[0]) > 300
@@ -76,24 +75,24 @@ def test_fast_path_identical_with_few_tokens_and_transient_weights(monkeypatch):
     """Experts without tokens keep no amax either way; weights dequantized again every batch change nothing."""
     monkeypatch.setattr(fast_calib, "KEEP_WEIGHTS", False)
     few = batches(2, batch=1, seq=3)
-    plain = calibrated(monkeypatch, False, False, PRESETS["nvfp4"], few)
-    fast = calibrated(monkeypatch, True, False, PRESETS["nvfp4"], few)
+    plain = calibrated(False, False, PRESETS["nvfp4"], few)
+    fast = calibrated(True, False, PRESETS["nvfp4"], few)
     assert_identical(plain, fast)
     expert_inputs = [k for k in plain[0] if ".experts." in k and "input" in k]
     assert len(expert_inputs) < 3 * 3 * TINY.n_routed_experts  # some experts saw no token
-    assert_identical(calibrated(monkeypatch, False, True, PRESETS["fp8"], few),
-                     calibrated(monkeypatch, True, True, PRESETS["fp8"], few))
+    assert_identical(calibrated(False, True, PRESETS["fp8"], few),
+                     calibrated(True, True, PRESETS["fp8"], few))
 
 
-def test_fast_path_identical_with_quantized_attention(monkeypatch):
+def test_fast_path_identical_with_quantized_attention():
     data = batches(2)
-    assert_identical(calibrated(monkeypatch, False, False, PRESETS["nvfp4"], data, attn="fp8"),
-                     calibrated(monkeypatch, True, False, PRESETS["nvfp4"], data, attn="fp8"))
+    assert_identical(calibrated(False, False, PRESETS["nvfp4"], data, attn="fp8"),
+                     calibrated(True, False, PRESETS["nvfp4"], data, attn="fp8"))
 
 
-def test_plain_path_where_the_fast_one_would_not_be_exact(monkeypatch):
+def test_plain_path_where_the_fast_one_would_not_be_exact():
     # AWQ patches module forwards and runs the loop several times: the plain path runs every batch.
-    assert not any(calibrated(monkeypatch, True, False, "NVFP4_AWQ_LITE_CFG", batches(1, batch=1, seq=8))[2])
+    assert not any(calibrated(True, False, "NVFP4_AWQ_LITE_CFG", batches(1, batch=1, seq=8))[2])
     seen: list[str | None] = []
 
     def loop(model):
@@ -169,14 +168,13 @@ def test_every_grouped_layout_gives_the_plain_output(monkeypatch, layout, pad):
     test_routed_forward_matches_the_plain_loop(0, 2)
 
 
-def test_fast_path_identical_at_mp2(cache_dir, tmp_path, monkeypatch):
+def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
     """Two gloo ranks (spawned, the environment inherited): every amax of both ranks, fast and plain, agree."""
     from conftest import load_amax, run_job
 
     runs = {}
     for fast in (True, False):
-        monkeypatch.setenv(fast_calib.ENV, "1" if fast else "0")
-        run_dir = run_job(tmp_path / str(fast), ["parallel=mp2", "calib=topk", "data.num_samples=4"])
+        run_dir = run_job(tmp_path / str(fast), ["parallel=mp2", "calib=topk", "data.num_samples=4", f"calib.fast={fast}"])
         assert ("fast calibration path" in (run_dir / "run.log").read_text()) == fast
         runs[fast] = load_amax(run_dir)
     assert runs[True].keys() == runs[False].keys() and len(runs[True]) > 300
@@ -243,8 +241,8 @@ def test_gpu_fast_path_close_to_plain(monkeypatch, mode, combine):
     monkeypatch.setattr(fast_moe, "COMBINE", combine)
     dev = torch.device("cuda")
     data = batches(3, batch=8, seq=128)
-    plain = calibrated(monkeypatch, False, mode == "all_experts", PRESETS["nvfp4"], data, dev)
-    fast = calibrated(monkeypatch, True, mode == "all_experts", PRESETS["nvfp4"], data, dev)
+    plain = calibrated(False, mode == "all_experts", PRESETS["nvfp4"], data, dev)
+    fast = calibrated(True, mode == "all_experts", PRESETS["nvfp4"], data, dev)
     assert fast[2] == [True] * 3 and plain[0].keys() == fast[0].keys()
     first_moe = TINY.n_dense_layers
     gaps = {}

@@ -83,8 +83,12 @@ def materialize_dequantized_weights(model: nn.Module) -> None:
 
 
 def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Tensor], all_experts: bool,
-              device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None) -> float:
+              device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None,
+              fast: bool = True) -> float:
     """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
+
+    ``fast``: the grouped-GEMM path of quant/fast_calib.py where the format allows it (same amax as the plain
+    path, one modelopt call per expert, which ``fast=False`` forces).
 
     ``on_batch(i)`` runs after batch i has finished on the device (benchmarks time batches with it).
     """
@@ -103,11 +107,11 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         # Some algorithms (AWQ) run the loop more than once: the counts describe one pass over the data.
         reset_token_counts(m)
         set_all_experts_mode(m, all_experts)
-        fast = None
-        if fast_calib.requested():
+        fast_path = None
+        if fast:
             reason = fast_calib.why_not(m, algorithm_method(mtq_cfg))
             if reason is None:
-                fast = fast_calib.FastCalibration(m, all_experts)
+                fast_path = fast_calib.FastCalibration(m, all_experts)
             else:
                 log.info("plain calibration path: %s", reason)
         try:
@@ -120,19 +124,19 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
                         raise
                     finite = False  # modelopt's calibrator refused a NaN amax: name the module below
                 if not finite:
-                    if fast is not None:
-                        fast.stop()  # the hunt for the module runs the plain path, one call per expert
+                    if fast_path is not None:
+                        fast_path.stop()  # the hunt for the module runs the plain path, one call per expert
                     set_all_experts_mode(m, False)
                     _stop_statistics(m)
                     raise UserError(f"non-finite activations during calibration, first at {first_non_finite_module(m, tokens)}",
                                     fix="check the checkpoint and the compute dtype (model activations overflow)")
                 if on_batch is not None:
                     on_batch(i)
-            if fast is not None:
-                fast.flush()
+            if fast_path is not None:
+                fast_path.flush()
         finally:
-            if fast is not None:
-                fast.stop()
+            if fast_path is not None:
+                fast_path.stop()
             set_all_experts_mode(m, False)
 
     start = time.perf_counter()

@@ -9,7 +9,7 @@ At the end the expert statistics go into modelopt's calibrators, which then fini
 It stands aside (the plain path runs) where it would not be exact: an algorithm other than max (AWQ and the
 like patch module forwards), or a quantizer that changes its input or keeps anything but a running max during
 calibration (pre-quant scale, rotation, bias calibration, a non-max calibrator, a sequential quantizer), or an
-expert input quantizer whose amax is not one per tensor. ``DEEPSEEK_PTQ_FAST_CALIB=0`` forces the plain path.
+expert input quantizer whose amax is not one per tensor. ``calib.fast=false`` forces the plain path.
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ from deepseek_ptq.quant.running_max import RunningMax, merge_into_calibrators
 
 log = logging.getLogger(__name__)
 
-ENV = "DEEPSEEK_PTQ_FAST_CALIB"
 # Device memory left free for activations when deciding what dequantized weights to keep.
 RESERVE_BYTES = 12 << 30
 # None: keep dequantized weights where they fit; tests set True/False to exercise both ways.
 KEEP_WEIGHTS: bool | None = None
-
-
-def requested() -> bool:
-    """False when the user asked for the plain path (DEEPSEEK_PTQ_FAST_CALIB=0)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _collects(q: TensorQuantizer) -> bool:
