@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from deepseek_ptq.outputs import natural_key
 
 COLUMNS = ["job", "overrides", "status", "calib_s", "tokens_per_s", "quantizers", "synced_inputs",
-           "experts_without_tokens", "missing_amax", "w2_sync_median", "kl", "top1_agreement", "quality_ref",
-           "quality_quant", "quality_unit", "error"]
+           "experts_without_tokens", "missing_amax", "w2_sync_median", "kl", "kl_se", "top1_agreement",
+           "quality_ref", "quality_quant", "quality_delta", "quality_delta_se", "quality_unit", "error"]
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -49,17 +49,24 @@ def job_row(job: Path) -> dict[str, Any]:
     row |= {"calib_s": m["timings_s"]["calibrate"], "tokens_per_s": m.get("calib_tokens_per_s"),
             "quantizers": counts.get("quantizers"), "synced_inputs": counts.get("synced_input_amax"),
             "experts_without_tokens": counts.get("uncalibrated_experts"), "missing_amax": counts.get("missing_amax"),
-            "w2_sync_median": w2.get("median"), "kl": ev.get("kl"), "top1_agreement": ev.get("top1_agreement")}
-    if "bpb_ref" in ev:
-        row |= {"quality_ref": ev["bpb_ref"], "quality_quant": ev["bpb_quant"], "quality_unit": "bits/byte"}
-    elif "ce_ref" in ev:
-        row |= {"quality_ref": ev["ce_ref"], "quality_quant": ev["ce_quant"], "quality_unit": "nats/token"}
+            "w2_sync_median": w2.get("median"), "kl": ev.get("kl"), "kl_se": ev.get("kl_se"),
+            "top1_agreement": ev.get("top1_agreement")}
+    for unit, label in (("bpb", "bits/byte"), ("ce", "nats/token")):
+        if f"{unit}_ref" in ev:
+            row |= {"quality_ref": ev[f"{unit}_ref"], "quality_quant": ev[f"{unit}_quant"],
+                    "quality_delta": ev.get(f"{unit}_delta"), "quality_delta_se": ev.get(f"{unit}_delta_se"),
+                    "quality_unit": label}
     return row
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, tuple):  # (value, standard error)
+        mean, se = value
+        if mean is None:
+            return "-"
+        return _fmt(mean) if se is None else f"{mean:.4g} ± {se:.2g}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|")
@@ -68,8 +75,10 @@ def _fmt(value: Any) -> str:
 MARKDOWN_COLUMNS = [("overrides", "overrides"), ("status", "status"), ("calib_s", "calib s"),
                     ("tokens_per_s", "tokens/s"), ("synced_inputs", "synced inputs"),
                     ("experts_without_tokens", "experts w/o tokens"), ("w2_sync_median", "w2 sync median"),
-                    ("kl", "KL"), ("top1_agreement", "top-1 agree"), ("quality_ref", "ref"),
-                    ("quality_quant", "quantized"), ("quality_unit", "unit")]
+                    ("kl", "KL ± se"), ("top1_agreement", "top-1 agree"), ("quality_ref", "ref"),
+                    ("quality_quant", "quantized"), ("quality_delta", "quantized - ref ± se"), ("quality_unit", "unit")]
+# Markdown cells that show a value with its standard error
+WITH_SE = {"kl": "kl_se", "quality_delta": "quality_delta_se"}
 
 
 def _split_overrides(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -84,7 +93,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [f"All jobs: {', '.join(common)}", ""] if common else []
     lines += ["| " + " | ".join(h for _, h in MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
     for row, label in zip(rows, distinct):
-        cells = [_fmt(row.get(k)) for k, _ in MARKDOWN_COLUMNS]
+        cells = [_fmt((row.get(k), row.get(WITH_SE[k])) if k in WITH_SE else row.get(k)) for k, _ in MARKDOWN_COLUMNS]
         cells[0] = _fmt(label)
         if row["status"] != "ok":
             cells[2] = _fmt(row.get("error"))

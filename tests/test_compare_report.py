@@ -65,9 +65,11 @@ def test_report_has_a_row_per_job_and_sane_evaluation(sweep: Path) -> None:
     assert "num_samples=0" in rows[2]["overrides"] and "at least one sample" in rows[2]["error"]
     by_quant = {("fp8" if "quant=fp8" in r["overrides"] else "nvfp4"): r for r in rows[:2]}
     for r in by_quant.values():
-        for key in ("kl", "top1_agreement", "quality_ref", "quality_quant", "tokens_per_s"):
+        for key in ("kl", "kl_se", "top1_agreement", "quality_ref", "quality_quant", "quality_delta",
+                    "quality_delta_se", "tokens_per_s"):
             assert math.isfinite(float(r[key])), key
-        assert float(r["kl"]) > 0 and r["quality_unit"] == "bits/byte"
+        assert float(r["kl"]) > 0 and 0 < float(r["kl_se"]) < float(r["kl"]) and r["quality_unit"] == "bits/byte"
+        assert f"{float(r['kl']):.4g} ± {float(r['kl_se']):.2g}" in (sweep / "report.md").read_text()
     assert float(by_quant["fp8"]["kl"]) < float(by_quant["nvfp4"]["kl"])  # 8-bit loses less than 4-bit
     markdown = (sweep / "report.md").read_text()
     assert markdown.startswith("All jobs: data.seq_len=64, data.batch_size=4\n")  # shared overrides said once
