@@ -233,7 +233,8 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
                device: str = "auto", progress: bool = True) -> Path:
     """Write the Hugging Face checkpoint of ``run_dir`` to ``out``; returns ``out``.
 
-    ``device``: where weights are dequantized and packed (``auto``: CUDA when available; the result is the same).
+    ``device``: where weights are dequantized and packed (``auto``: CUDA when available). The bytes do not depend
+    on it (CUDA and CPU exports of one run compared equal on an H200).
     """
     from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 

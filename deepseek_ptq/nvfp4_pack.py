@@ -17,14 +17,21 @@ E4M3_MAX = 448.0
 NVFP4_BLOCK = 16
 
 
+def _host_divide(amax: torch.Tensor, divisor: float) -> torch.Tensor:
+    """max(amax) / divisor in float32, shape [], on amax's device, computed on the host: CUDA divides by a Python
+    number as a multiply by its reciprocal, 1 ulp off for some amax (seen on an H200), and an exported scale must
+    not depend on the device that packed it."""
+    return (amax.detach().float().amax().cpu() / divisor).reshape(()).to(amax.device)
+
+
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     """weight_scale_2 / input_scale of an NVFP4 tensor: its amax over (6 x 448), float32, shape []."""
-    return (amax.float().amax() / (E2M1_MAX * E4M3_MAX)).reshape(())
+    return _host_divide(amax, E2M1_MAX * E4M3_MAX)
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """weight_scale / input_scale of an FP8 per-tensor tensor: amax / 448, float32, shape []."""
-    return (amax.float().amax() / E4M3_MAX).reshape(())
+    return _host_divide(amax, E4M3_MAX)
 
 
 def pack_nvfp4(weight: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
