@@ -4,11 +4,14 @@
 
 Works across world sizes (each run's per-rank amax dicts are merged first). Prints markdown and writes
 PREFIX.md and PREFIX.json (default: compare-<A>-vs-<B> in the current folder). Ratios are B / A.
+When both runs evaluated the same held-out sequences, their evaluation is compared sequence by sequence
+(paired differences B - A with standard errors: far smaller than either run's own error bar).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.evaluate import SEQUENCES_CSV, standard_error
 from deepseek_ptq.outputs import natural_key
 from deepseek_ptq.rundir import write_json
 from deepseek_ptq.stats import QuantizerPath, ratio_summary
@@ -107,7 +111,38 @@ def compare(a: Run, b: Run, top: int = 10) -> dict[str, Any]:
         "only_in_a": sorted(set(a.amax) - set(b.amax), key=natural_key),
         "only_in_b": sorted(set(b.amax) - set(a.amax), key=natural_key),
         "largest_differences": [{"quantizer": n, "a": x, "b": y, "ratio": y / x if x else None} for n, x, y in diffs[:top]],
+        "eval": paired_eval(a, b),
     }
+
+
+def _sequences(run: Run) -> dict[str, torch.Tensor] | None:
+    path = run.path / "stats" / SEQUENCES_CSV
+    if not path.exists():
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {key: torch.tensor([float(r[key]) for r in rows], dtype=torch.float64) for key in (rows[0] if rows else {})
+            if key != "sequence"}
+
+
+def paired_eval(a: Run, b: Run) -> dict[str, Any]:
+    """B - A per held-out sequence, for KL and the quantized model's cross-entropy; or why they cannot be paired."""
+    sa, sb = _sequences(a), _sequences(b)
+    if sa is None or sb is None:
+        return {"paired": False, "reason": f"no stats/{SEQUENCES_CSV} in {'A' if sa is None else 'B'} (run with eval.enabled=true)"}
+    if sa.keys() != sb.keys() or len(sa["kl"]) != len(sb["kl"]):
+        return {"paired": False, "reason": f"different held-out sets ({len(sa['kl'])} vs {len(sb['kl'])} sequences)"}
+    ref = next(k for k in sa if k.endswith("_ref"))
+    if not torch.allclose(sa[ref], sb[ref], rtol=1e-3, atol=0):  # the unquantized model scored the same data
+        return {"paired": False, "reason": "the reference cross-entropies differ: not the same held-out sequences"}
+    out: dict[str, Any] = {"paired": True, "sequences": len(sa["kl"]), "unit": ref.removesuffix("_ref")}
+    for key in ("kl", ref.replace("_ref", "_quant")):
+        diff = sb[key] - sa[key]
+        se = standard_error(diff)
+        out[key] = {"a": float(sa[key].mean()), "b": float(sb[key].mean()), "b_minus_a": float(diff.mean()),
+                    "se": se, "z": float(diff.mean()) / se if se else None,
+                    "b_lower_share": float((diff < 0).double().mean())}
+    return out
 
 
 def _pct(x: float) -> str:
@@ -131,7 +166,22 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Largest differences:", "", "| quantizer | A | B | B/A |", "|---|---:|---:|---:|"]
         lines += [f"| {d['quantizer']} | {d['a']:.6g} | {d['b']:.6g} | {d['ratio']:.4g} |" if d["ratio"] is not None
                   else f"| {d['quantizer']} | {d['a']:.6g} | {d['b']:.6g} | - |" for d in result["largest_differences"]]
+    lines += _eval_markdown(result.get("eval") or {})
     return "\n".join(lines) + "\n"
+
+
+def _eval_markdown(ev: dict[str, Any]) -> list[str]:
+    if not ev.get("paired"):
+        return ["", f"Evaluation not paired: {ev['reason']}"] if ev.get("reason") else []
+    unit = {"bpb": "bits/byte", "ce": "nats/token"}[ev["unit"]]
+    lines = ["", f"Evaluation, paired over {ev['sequences']} held-out sequences (B - A; |z| > 2: unlikely to be noise):", "",
+             "| metric | A | B | B - A ± se | z | sequences where B is lower |", "|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("kl", "KL(reference \\|\\| quantized)"), (f"{ev['unit']}_quant", f"quantized, {unit}")):
+        d = ev[key]
+        se = f" ± {d['se']:.2g}" if d["se"] is not None else ""
+        z = f"{d['z']:.2f}" if d["z"] is not None else "-"
+        lines.append(f"| {label} | {d['a']:.5g} | {d['b']:.5g} | {d['b_minus_a']:+.3g}{se} | {z} | {_pct(d['b_lower_share'])} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

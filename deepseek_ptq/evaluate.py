@@ -7,8 +7,11 @@ rank computes the same figures and no rank skips a collective.
 
 from __future__ import annotations
 
+import csv
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -31,18 +34,23 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
             q.enable()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, byte_level: bool,
-             progress: bool = False) -> dict[str, float | None]:
-    """Mean KL(reference || quantized) of next-token distributions, top-1 agreement, and both models'
-    cross-entropy: bits per byte for byte-level vocabularies, nats per token otherwise.
+@dataclass
+class SequenceScores:
+    """Per held-out sequence: KL(reference || quantized) and both cross-entropies (nats per token), float64."""
 
-    ``kl_se`` and ``*_delta_se`` are standard errors over the held-out sequences (the delta is paired: quantized
-    minus reference on the same sequence), so a difference between runs can be told from sampling noise.
-    """
+    kl: torch.Tensor
+    ce_ref: torch.Tensor
+    ce_quant: torch.Tensor
+    top1_agree: int
+    tokens: int
+
+
+@torch.no_grad()
+def score_sequences(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
+                    progress: bool = False) -> SequenceScores:
+    """The quantized model against its unquantized self on every held-out sequence."""
     kl_seq, ref_seq, quant_seq = [], [], []
-    agree = 0.0
-    n = 0
+    agree = n = 0
     for tokens in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         tokens = tokens.to(device)
         targets = tokens[:, 1:].reshape(-1)
@@ -53,26 +61,62 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
         kl_seq.append((ref.exp() * (ref - quant)).sum(-1).reshape(per_seq).mean(1))
         ref_seq.append(F.nll_loss(ref, targets, reduction="none").reshape(per_seq).mean(1))
         quant_seq.append(F.nll_loss(quant, targets, reduction="none").reshape(per_seq).mean(1))
-        agree += float((ref.argmax(-1) == quant.argmax(-1)).sum())
+        agree += int((ref.argmax(-1) == quant.argmax(-1)).sum())
         n += targets.numel()
-    if n == 0:
+    kl, ce_ref, ce_quant = (torch.cat(v).double().cpu() if v else torch.zeros(0, dtype=torch.float64)
+                            for v in (kl_seq, ref_seq, quant_seq))
+    return SequenceScores(kl, ce_ref, ce_quant, agree, n)
+
+
+def summarize(scores: SequenceScores, byte_level: bool) -> dict[str, float | None]:
+    """Mean KL, top-1 agreement, and both models' cross-entropy: bits per byte for byte-level vocabularies,
+    nats per token otherwise.
+
+    ``kl_se`` and ``*_delta_se`` are standard errors over the held-out sequences (the delta is paired: quantized
+    minus reference on the same sequence), so a difference between runs can be told from sampling noise.
+    """
+    if scores.tokens == 0:
         return {}
-    kl, ce_ref, ce_quant = (torch.cat(v).double().cpu() for v in (kl_seq, ref_seq, quant_seq))
-    unit, scale = ("bpb", 1 / math.log(2)) if byte_level else ("ce", 1.0)
-    return {"kl": float(kl.mean()), "kl_se": _standard_error(kl), "top1_agreement": agree / n, "tokens": n,
-            "sequences": len(kl), f"{unit}_ref": float(ce_ref.mean()) * scale,
-            f"{unit}_quant": float(ce_quant.mean()) * scale, f"{unit}_delta": float((ce_quant - ce_ref).mean()) * scale,
-            f"{unit}_delta_se": _scaled(_standard_error(ce_quant - ce_ref), scale)}
+    unit, scale = quality_unit(byte_level)
+    delta = scores.ce_quant - scores.ce_ref
+    return {"kl": float(scores.kl.mean()), "kl_se": standard_error(scores.kl),
+            "top1_agreement": scores.top1_agree / scores.tokens, "tokens": scores.tokens, "sequences": len(scores.kl),
+            f"{unit}_ref": float(scores.ce_ref.mean()) * scale, f"{unit}_quant": float(scores.ce_quant.mean()) * scale,
+            f"{unit}_delta": float(delta.mean()) * scale, f"{unit}_delta_se": _scaled(standard_error(delta), scale)}
+
+
+def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, byte_level: bool,
+             progress: bool = False) -> dict[str, float | None]:
+    """``summarize(score_sequences(...))``."""
+    return summarize(score_sequences(model, batches, device, progress), byte_level)
+
+
+def quality_unit(byte_level: bool) -> tuple[str, float]:
+    """(metric prefix, factor from nats per token): bits per byte for byte-level vocabularies."""
+    return ("bpb", 1 / math.log(2)) if byte_level else ("ce", 1.0)
+
+
+SEQUENCES_CSV = "eval_sequences.csv"
+
+
+def write_sequences(scores: SequenceScores, byte_level: bool, path: Path) -> None:
+    """One row per held-out sequence (what ``compare`` pairs between two runs of the same data)."""
+    unit, scale = quality_unit(byte_level)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sequence", "kl", f"{unit}_ref", f"{unit}_quant"])
+        for i, (kl, ref, quant) in enumerate(zip(scores.kl.tolist(), scores.ce_ref.tolist(), scores.ce_quant.tolist())):
+            writer.writerow([i, repr(kl), repr(ref * scale), repr(quant * scale)])
+
+
+def standard_error(values: torch.Tensor) -> float | None:
+    if len(values) < 2:
+        return None  # undefined for one sequence (None, not NaN: metrics.json stays strict JSON)
+    return float(values.std() / math.sqrt(len(values)))
 
 
 def _scaled(value: float | None, scale: float) -> float | None:
     return None if value is None else value * scale
-
-
-def _standard_error(per_sequence: torch.Tensor) -> float | None:
-    if len(per_sequence) < 2:
-        return None  # undefined for one sequence (None, not NaN: metrics.json stays strict JSON)
-    return float(per_sequence.std() / math.sqrt(len(per_sequence)))
 
 
 def _next_token_log_probs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

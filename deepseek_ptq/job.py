@@ -15,7 +15,7 @@ from deepseek_ptq import rundir, wandb_log
 from deepseek_ptq.config import choice, eval_enabled
 from deepseek_ptq.data import make_batches
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.evaluate import evaluate
+from deepseek_ptq.evaluate import SEQUENCES_CSV, score_sequences, summarize, write_sequences
 from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.outputs import (gather_to_all, natural_key, quantizer_lines, save_amax, unquantized_linears,
@@ -66,7 +66,8 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     missing = missing_amax(model)
     save_amax(model, run_dir, par.rank, par.world_size)
     t0 = time.perf_counter()
-    eval_metrics = evaluate(model, batches.heldout, device, batches.byte_level, progress=rank0) if run_eval else None
+    scores = score_sequences(model, batches.heldout, device, progress=rank0) if run_eval else None
+    eval_metrics = summarize(scores, batches.byte_level) if scores is not None else None
     t_eval = time.perf_counter() - t0
 
     local = {"summary": quantizer_lines(model), "before": before, "after": after, "sources": report.sources,
@@ -92,6 +93,8 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     t0 = time.perf_counter()
     stats = collect(gathered, tokens, batches.calib_tokens * args.n_activated_experts)
     write_csv(stats, run_dir / "stats")
+    if scores is not None:
+        write_sequences(scores, batches.byte_level, run_dir / "stats" / SEQUENCES_CSV)
     t_stats = time.perf_counter() - t0
     t0 = time.perf_counter()
     plots = write_plots(stats, run_dir / "plots", title=f"{cfg.model.name}, {cfg.quant.name}, {choice(cfg.calib.name)}"

@@ -55,6 +55,25 @@ def test_compare_invariants_across_quant_formats(sweep: Path, tmp_path: Path) ->
     assert groups["expert w2 input"]["ratio_b_over_a"]["equal"] == 1.0
     assert "| expert weight | 144 | 144 |" in (tmp_path / "cmp.md").read_text()
 
+    # Evaluation, paired per held-out sequence: FP8 loses less than NVFP4 on (nearly) every sequence.
+    ev = result["eval"]
+    assert ev["paired"] and ev["sequences"] == 4 and ev["unit"] == "bpb"
+    kl = ev["kl"]
+    a_metrics, b_metrics = (json.loads((run / "metrics.json").read_text())["eval"] for run in (nvfp4, fp8))
+    assert kl["a"] == pytest.approx(a_metrics["kl"], rel=1e-9) and kl["b"] == pytest.approx(b_metrics["kl"], rel=1e-9)
+    assert kl["b_minus_a"] < 0 and kl["se"] > 0 and kl["z"] < -2 and kl["b_lower_share"] == 1.0
+    assert "Evaluation, paired over 4 held-out sequences" in (tmp_path / "cmp.md").read_text()
+
+
+def test_compare_says_why_evaluation_is_not_paired(sweep: Path, tmp_path: Path) -> None:
+    nvfp4, fp8 = _jobs(sweep)
+    other = tmp_path / "fp8_copy"
+    shutil.copytree(fp8, other)
+    (other / "stats" / "eval_sequences.csv").unlink()
+    assert compare.main([str(nvfp4), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    assert json.loads((tmp_path / "cmp.json").read_text())["eval"] == {
+        "paired": False, "reason": "no stats/eval_sequences.csv in B (run with eval.enabled=true)"}
+
 
 def test_report_has_a_row_per_job_and_sane_evaluation(sweep: Path) -> None:
     done = _cli("-m", "deepseek_ptq.report", str(sweep), timeout=120)
