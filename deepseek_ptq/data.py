@@ -77,11 +77,11 @@ def _text_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def _is_heldout(path: Path) -> bool:
+def is_heldout(path: Path) -> bool:
     return int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 
-def _read_tokens(files: list[Path], tokenize, what: str) -> torch.Tensor:
+def read_tokens(files: list[Path], tokenize, what: str) -> torch.Tensor:
     ids: list[torch.Tensor] = []
     for path in files:
         try:
@@ -123,16 +123,16 @@ def make_batches(data_cfg, vocab_size: int, ckpt_dir: str | None, heldout_sample
     files = _text_files(list(data_cfg.paths))
     if not files:
         raise UserError("data.paths lists no readable file", fix="give existing text files or globs")
-    held = [f for f in files if _is_heldout(f)]
-    calib_files = [f for f in files if not _is_heldout(f)]
+    held = [f for f in files if is_heldout(f)]
+    calib_files = [f for f in files if not is_heldout(f)]
     if not held or not calib_files:
         # Too few files to split by name: split the one stream instead (first 90% / last 10%).
-        stream = _read_tokens(files, tokenize, "data")
+        stream = read_tokens(files, tokenize, "data")
         cut = stream.numel() * (100 - HELDOUT_PERCENT) // 100
         calib_stream, held_stream = stream[:cut], stream[cut:]
     else:
-        calib_stream = _read_tokens(calib_files, tokenize, "calibration")
-        held_stream = _read_tokens(held, tokenize, "held-out") if heldout_samples else torch.empty(0, dtype=torch.int64)
+        calib_stream = read_tokens(calib_files, tokenize, "calibration")
+        held_stream = read_tokens(held, tokenize, "held-out") if heldout_samples else torch.empty(0, dtype=torch.int64)
     calib = _sample(calib_stream, data_cfg.num_samples, data_cfg.seq_len, gen, "calibration")
     heldout = _sample(held_stream, heldout_samples, data_cfg.seq_len, gen, "held-out") if heldout_samples else calib[:0]
     if int(calib.max()) >= vocab_size:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from deepseek_ptq.data import ByteTokenizer, _is_heldout, _read_tokens, default_corpus
+from deepseek_ptq.data import ByteTokenizer, default_corpus, is_heldout, read_tokens
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import load_shard, shard_name
@@ -70,13 +70,13 @@ def corpus_streams(corpus: str | None) -> tuple[torch.Tensor, torch.Tensor, list
     files = sorted(Path(corpus).glob("*.py")) if corpus else default_corpus()
     if not files:
         raise UserError(f"no *.py files in {corpus}", fix="point --corpus at a folder of Python sources")
-    train_files = [f for f in files if not _is_heldout(f)]
-    held_files = [f for f in files if _is_heldout(f)]
+    train_files = [f for f in files if not is_heldout(f)]
+    held_files = [f for f in files if is_heldout(f)]
     if not train_files or not held_files:
         raise UserError(f"{corpus} has too few files to split into training and held-out ({len(files)})",
                         fix="use a folder with tens of files, such as a Python standard library")
     encode = ByteTokenizer().encode
-    return (_read_tokens(train_files, encode, "training"), _read_tokens(held_files, encode, "held-out"),
+    return (read_tokens(train_files, encode, "training"), read_tokens(held_files, encode, "held-out"),
             [f.name for f in train_files], [f.name for f in held_files])
 
 

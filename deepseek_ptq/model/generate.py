@@ -62,7 +62,7 @@ def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cac
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     full = random_full_state(args, seed)
     for rank in range(world_size):
-        _atomic_save(shard_state_dict(full, args, rank, world_size), ckpt_dir / shard_name(rank, world_size))
+        atomic_save(shard_state_dict(full, args, rank, world_size), ckpt_dir / shard_name(rank, world_size))
     config = ckpt_dir / "config.json"
     if not config.exists():
         fd, tmp = tempfile.mkstemp(dir=ckpt_dir, suffix=".json.tmp")
@@ -72,7 +72,7 @@ def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cac
     return ckpt_dir
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     save_file(tensors, tmp)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import check_checkpoint, find_shards, shard_name, shard_state_dict
-from deepseek_ptq.model.generate import _atomic_save
+from deepseek_ptq.model.generate import atomic_save
 from deepseek_ptq.model.kernels import quantize_fp8_blocks
 from deepseek_ptq.model.transformer import Transformer
 
@@ -81,7 +81,7 @@ def ensure_packaged_checkpoint(name: str, args: ModelArgs, world_size: int, cach
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     full = load_file(str(source / shard_name(0, 1)))
     for rank in range(world_size):
-        _atomic_save(shard_state_dict(full, args, rank, world_size), ckpt_dir / shard_name(rank, world_size))
+        atomic_save(shard_state_dict(full, args, rank, world_size), ckpt_dir / shard_name(rank, world_size))
     fd, tmp = tempfile.mkstemp(dir=ckpt_dir, suffix=".json.tmp")
     os.close(fd)
     shutil.copyfile(source / "config.json", tmp)

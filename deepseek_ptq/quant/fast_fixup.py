@@ -20,7 +20,7 @@ from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.quant.fixup import _NONE, EXPERT_LINEARS, FixupReport, is_scalar_amax
+from deepseek_ptq.quant.fixup import _NONE, EXPERT_LINEARS, FixupReport, amax_from_weight, is_scalar_amax
 from deepseek_ptq.quant.modules import _QuantLinearMixin
 
 
@@ -64,12 +64,7 @@ def _fill_weight_amax(name: str, module: torch.nn.Module, report: FixupReport) -
     """fixup.fill_weight_amax for one linear: an enabled weight quantizer without amax calibrates on the weight."""
     for qname, q in _leaves(f"{name}.weight_quantizer", module._modules["weight_quantizer"]):
         if not q._disabled and _amax(q) is None:
-            q.disable_quant()
-            q.enable_calib()
-            q(module.dequantized_weight())
-            q.load_calib_amax()
-            q.enable_quant()
-            q.disable_calib()
+            amax_from_weight(q, module)
             report.sources[qname] = "weight_fill"
 
 

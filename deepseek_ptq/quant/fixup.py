@@ -61,14 +61,19 @@ def fill_weight_amax(model: torch.nn.Module) -> list[TensorQuantizer]:
     for _, module in quantized_linears(model):
         for q in leaf_quantizers(module.weight_quantizer):
             if q.is_enabled and not has_amax(q):
-                q.disable_quant()
-                q.enable_calib()
-                q(module.dequantized_weight())
-                q.load_calib_amax()
-                q.enable_quant()
-                q.disable_calib()
+                amax_from_weight(q, module)
                 filled.append(q)
     return filled
+
+
+def amax_from_weight(q: TensorQuantizer, module: torch.nn.Module) -> None:
+    """Calibrate the weight quantizer ``q`` of ``module`` on its dequantized weight (max calibration, one pass)."""
+    q.disable_quant()
+    q.enable_calib()
+    q(module.dequantized_weight())
+    q.load_calib_amax()
+    q.enable_quant()
+    q.disable_calib()
 
 
 def _tp_slots(model: torch.nn.Module, par: Parallel) -> list[tuple[TensorQuantizer, int]]:
