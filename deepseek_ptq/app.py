@@ -35,8 +35,9 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
     if rank == 0:
         rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
     world_size = cfg.parallel.world_size
+    if joined is not None or world_size == 1:
+        stop_on_sigterm()  # (the spawning parent keeps Python's default: its children must not outlive it)
     if joined is not None:
-        stop_on_sigterm()
         if joined.world_size != world_size:
             err = UserError(f"parallel={cfg.parallel.name} asks for {world_size} ranks but the launcher started "
                             f"{joined.world_size}", fix=f"start {world_size} ranks or pick the matching parallel option")

@@ -52,8 +52,8 @@ class Terminated(BaseException):
 
 
 def stop_on_sigterm() -> None:
-    """Turn SIGTERM into an exception, so a joined rank records ``failed`` and closes W&B instead of vanishing
-    with metrics.json still saying ``running``."""
+    """Turn SIGTERM into an exception, so a joined rank (or a one-process run stopped by SLURM or ``timeout``)
+    records ``failed`` and closes W&B instead of vanishing with metrics.json still saying ``running``."""
 
     def _raise(signum: int, _frame: Any) -> None:
         raise Terminated(f"stopped by signal {signum} (another rank failed, or the launcher was stopped)")

@@ -189,10 +189,12 @@ def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
     assert metrics(run_dir)["status"] == "failed" and "4 ranks" in metrics(run_dir)["error"]
 
 
-def test_rank_stopped_by_the_launcher_records_failed(tmp_path, cache_dir):
-    # torchrun / srun end the other ranks with SIGTERM when one fails: the run must not stay "running".
+@pytest.mark.parametrize("joined", [True, False])
+def test_run_stopped_by_sigterm_records_failed(tmp_path, cache_dir, joined):
+    # torchrun / srun end the other ranks with SIGTERM when one fails, SLURM at the time limit: not "running".
     run_dir = tmp_path / "run"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"} if joined else {})
     proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast([])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 60
