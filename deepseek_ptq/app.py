@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from deepseek_ptq import rundir
 from deepseek_ptq.config import choice, register_schema
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.launch import (RankFailed, Terminated, joined_rank, let_rank0_record_first, rank_main, spawn,
-                                 stop_on_sigterm)
+from deepseek_ptq.launch import (RankFailed, joined_rank, let_rank0_record_first, rank_main, spawn, stop_on_sigterm,
+                                 terminated)
 
 log = logging.getLogger("deepseek_ptq")
 # The config groups live beside the package in the source tree (an editable install, as README says).
@@ -32,11 +32,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
     """Run one job in ``run_dir``; raises after recording ``status: failed`` on any error."""
     joined = joined_rank()
     rank = joined.rank if joined else 0
-    if rank == 0:
-        rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
     world_size = cfg.parallel.world_size
     if joined is not None or world_size == 1:
-        stop_on_sigterm()  # (the spawning parent keeps Python's default: its children must not outlive it)
+        # (the spawning parent keeps Python's default: its children must not outlive it)
+        stop_on_sigterm(run_dir if rank == 0 else None)
+    if rank == 0:
+        rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
     if joined is not None:
         if joined.world_size != world_size:
             err = UserError(f"parallel={cfg.parallel.name} asks for {world_size} ranks but the launcher started "
@@ -65,22 +66,30 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     try:
         execute(cfg, run_dir)
-    except (UserError, RankFailed) as err:
-        logging.getLogger("deepseek_ptq").error("%s", err)
-        rundir.mark_failed(run_dir, err)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            return  # one failed job must not stop the sweep; its metrics.json says failed
-        sys.exit(1)
-    except Terminated as err:
-        logging.getLogger("deepseek_ptq").error("%s", err)
-        rundir.mark_failed(run_dir, err)
-        sys.exit(128 + 15)
     except BaseException as err:
-        rundir.mark_failed(run_dir, err)
-        if HydraConfig.get().mode.name == "MULTIRUN" and isinstance(err, Exception):
-            logging.getLogger("deepseek_ptq").exception("job failed")
-            return
-        raise
+        _record_failure(run_dir, err)  # returns only where a sweep goes on past this job
+        return
     joined = joined_rank()
     if joined is None or joined.rank == 0:
         print(f"deepseek-ptq: done in {time.perf_counter() - start:.1f} s -> {run_dir}", file=sys.stderr)
+
+
+def _record_failure(run_dir: Path, err: BaseException) -> None:
+    """``status: failed`` in metrics.json, then exit: 143 when stopped by SIGTERM, 1 for a user or rank error,
+    the exception itself otherwise. In a sweep an ordinary failure ends only its job."""
+    log = logging.getLogger("deepseek_ptq")
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    stop = terminated()
+    if stop is not None:  # whatever the signal surfaced as (an extension may have replaced it): the run was stopped
+        log.error("%s", stop)
+        rundir.mark_failed(run_dir, stop)
+        sys.exit(128 + 15)
+    rundir.mark_failed(run_dir, err)
+    if isinstance(err, (UserError, RankFailed)):
+        log.error("%s", err)
+        if not multirun:
+            sys.exit(1)
+    elif multirun and isinstance(err, Exception):
+        log.exception("job failed")
+    else:
+        raise err

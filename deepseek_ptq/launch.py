@@ -51,14 +51,32 @@ class Terminated(BaseException):
     """The launcher stopped this rank (torchrun and srun send SIGTERM to the others when one rank fails)."""
 
 
-def stop_on_sigterm() -> None:
+_terminated: Terminated | None = None
+
+
+def stop_on_sigterm(run_dir: Path | None) -> None:
     """Turn SIGTERM into an exception, so a joined rank (or a one-process run stopped by SLURM or ``timeout``)
-    records ``failed`` and closes W&B instead of vanishing with metrics.json still saying ``running``."""
+    records ``failed`` and closes W&B instead of vanishing with metrics.json still saying ``running``.
+
+    The failure is recorded in the handler itself: a C extension that is calling back into Python when the
+    signal lands may turn the exception into one of its own (safetensors raised a ValueError in a CI run).
+    """
 
     def _raise(signum: int, _frame: Any) -> None:
-        raise Terminated(f"stopped by signal {signum} (another rank failed, or the launcher was stopped)")
+        global _terminated
+        err = Terminated(f"stopped by signal {signum} (another rank failed, or the launcher was stopped)")
+        if _terminated is None:
+            _terminated = err
+            if run_dir is not None:
+                rundir.mark_failed(run_dir, err)
+        raise err
 
     signal.signal(signal.SIGTERM, _raise)
+
+
+def terminated() -> Terminated | None:
+    """The SIGTERM this process received, if any (whatever exception it surfaced as)."""
+    return _terminated
 
 
 def let_rank0_record_first(rank: int) -> None:
