@@ -11,7 +11,6 @@ When both runs evaluated the same held-out sequences, their evaluation is compar
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.evaluate import SEQUENCES_CSV, standard_error
+from deepseek_ptq.evaluate import SEQUENCES_CSV, UNIT_LABELS, read_sequences, standard_error
 from deepseek_ptq.outputs import natural_key
 from deepseek_ptq.rundir import write_json
 from deepseek_ptq.stats import QuantizerPath, ratio_summary
@@ -115,19 +114,9 @@ def compare(a: Run, b: Run, top: int = 10) -> dict[str, Any]:
     }
 
 
-def _sequences(run: Run) -> dict[str, torch.Tensor] | None:
-    path = run.path / "stats" / SEQUENCES_CSV
-    if not path.exists():
-        return None
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {key: torch.tensor([float(r[key]) for r in rows], dtype=torch.float64) for key in (rows[0] if rows else {})
-            if key != "sequence"}
-
-
 def paired_eval(a: Run, b: Run) -> dict[str, Any]:
     """B - A per held-out sequence, for KL and the quantized model's cross-entropy; or why they cannot be paired."""
-    sa, sb = _sequences(a), _sequences(b)
+    sa, sb = (read_sequences(run.path / "stats" / SEQUENCES_CSV) for run in (a, b))
     if sa is None or sb is None:
         return {"paired": False, "reason": f"no stats/{SEQUENCES_CSV} in {'A' if sa is None else 'B'} (run with eval.enabled=true)"}
     if sa.keys() != sb.keys() or len(sa["kl"]) != len(sb["kl"]):
@@ -173,7 +162,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 def _eval_markdown(ev: dict[str, Any]) -> list[str]:
     if not ev.get("paired"):
         return ["", f"Evaluation not paired: {ev['reason']}"] if ev.get("reason") else []
-    unit = {"bpb": "bits/byte", "ce": "nats/token"}[ev["unit"]]
+    unit = UNIT_LABELS[ev["unit"]]
     lines = ["", f"Evaluation, paired over {ev['sequences']} held-out sequences (B - A; |z| > 2: unlikely to be noise):", "",
              "| metric | A | B | B - A ± se | z | sequences where B is lower |", "|---|---:|---:|---:|---:|---:|"]
     for key, label in (("kl", "KL(reference \\|\\| quantized)"), (f"{ev['unit']}_quant", f"quantized, {unit}")):

@@ -85,10 +85,8 @@ def summarize(scores: SequenceScores, byte_level: bool) -> dict[str, float | Non
             f"{unit}_delta": float(delta.mean()) * scale, f"{unit}_delta_se": _scaled(standard_error(delta), scale)}
 
 
-def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, byte_level: bool,
-             progress: bool = False) -> dict[str, float | None]:
-    """``summarize(score_sequences(...))``."""
-    return summarize(score_sequences(model, batches, device, progress), byte_level)
+# Metric prefix -> what its cross-entropies are in
+UNIT_LABELS = {"bpb": "bits/byte", "ce": "nats/token"}
 
 
 def quality_unit(byte_level: bool) -> tuple[str, float]:
@@ -107,6 +105,17 @@ def write_sequences(scores: SequenceScores, byte_level: bool, path: Path) -> Non
         writer.writerow(["sequence", "kl", f"{unit}_ref", f"{unit}_quant"])
         for i, (kl, ref, quant) in enumerate(zip(scores.kl.tolist(), scores.ce_ref.tolist(), scores.ce_quant.tolist())):
             writer.writerow([i, repr(kl), repr(ref * scale), repr(quant * scale)])
+
+
+def read_sequences(path: Path) -> dict[str, torch.Tensor] | None:
+    """What ``write_sequences`` wrote, column -> float64 values (``kl``, ``<unit>_ref``, ``<unit>_quant``);
+    None when there is no such file."""
+    if not path.exists():
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    columns = [key for key in (rows[0] if rows else {}) if key != "sequence"]
+    return {key: torch.tensor([float(r[key]) for r in rows], dtype=torch.float64) for key in columns}
 
 
 def standard_error(values: torch.Tensor) -> float | None:

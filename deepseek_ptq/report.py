@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from deepseek_ptq.evaluate import UNIT_LABELS
 from deepseek_ptq.outputs import natural_key
 
 COLUMNS = ["job", "overrides", "status", "calib_s", "tokens_per_s", "quantizers", "synced_inputs",
@@ -51,7 +52,7 @@ def job_row(job: Path) -> dict[str, Any]:
             "experts_without_tokens": counts.get("uncalibrated_experts"), "missing_amax": counts.get("missing_amax"),
             "w2_sync_median": w2.get("median"), "kl": ev.get("kl"), "kl_se": ev.get("kl_se"),
             "top1_agreement": ev.get("top1_agreement")}
-    for unit, label in (("bpb", "bits/byte"), ("ce", "nats/token")):
+    for unit, label in UNIT_LABELS.items():
         if f"{unit}_ref" in ev:
             row |= {"quality_ref": ev[f"{unit}_ref"], "quality_quant": ev[f"{unit}_quant"],
                     "quality_delta": ev.get(f"{unit}_delta"), "quality_delta_se": ev.get(f"{unit}_delta_se"),

@@ -1,4 +1,4 @@
-"""evaluate(): per-sequence means and standard errors on the tiny model, quantized with real modelopt."""
+"""score_sequences() and summarize(): per-sequence means and standard errors on the tiny model, quantized with real modelopt."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from deepseek_ptq.evaluate import evaluate, quantizers_disabled
+from deepseek_ptq.evaluate import quantizers_disabled, score_sequences, summarize
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.random_init import init_random_
@@ -31,6 +31,10 @@ def quantized() -> Transformer:
     calib = [torch.randint(0, TINY.vocab_size, (4, 32), generator=gen) for _ in range(2)]
     calibrate(model, build_quant_config(cfg, on_cpu=True), calib, False, CPU, False)
     return model
+
+
+def evaluate(model: Transformer, data: list[torch.Tensor], device: torch.device, byte_level: bool) -> dict:
+    return summarize(score_sequences(model, data, device), byte_level)
 
 
 def _heldout(n_batches: int, batch: int = 3, seq: int = 24) -> list[torch.Tensor]:
