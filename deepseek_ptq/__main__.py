@@ -7,13 +7,13 @@ import tempfile
 
 
 def cli() -> None:
-    from deepseek_ptq.launch import joined_rank
+    from deepseek_ptq.pipeline.launch import joined_rank
 
     joined = joined_rank()
     if joined is not None and joined.rank != 0:
         # Rank 0's run directory is shared with this rank after start-up; Hydra writes nothing here.
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='deepseek_ptq_rank')}", "hydra.output_subdir=null"]
-    from deepseek_ptq.app import main
+    from deepseek_ptq.pipeline.app import main
 
     main()
 

@@ -2,12 +2,12 @@
 
     python scripts/convert_hf.py HF_DIR --out DIR --mp W
 
-See deepseek_ptq/convert_hf.py; the converted folder is what model.ckpt_dir takes.
+See deepseek_ptq/hf/convert.py; the converted folder is what model.ckpt_dir takes.
 """
 
 import sys
 
-from deepseek_ptq.convert_hf import main
+from deepseek_ptq.hf.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

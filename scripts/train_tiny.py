@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepseek_ptq.train import TrainConfig
+    from deepseek_ptq.devtools.train import TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for the checkpoint, config.json, train_log.json and loss.png")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from deepseek_ptq import train_report
+    from deepseek_ptq.devtools import train_report
 
     if opts.replay_wandb:
         record = json.loads(Path(opts.replay_wandb).read_text())
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.out:
         parser.error("give --out (train), --measure DIR or --replay-wandb LOG")
 
-    from deepseek_ptq.train import train
+    from deepseek_ptq.devtools.train import train
 
     values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "out_dir"}
     cfg = TrainConfig(out_dir=opts.out, **values)

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from deepseek_ptq.app import CONF_DIR  # noqa: E402  (registers the schema)
+from deepseek_ptq.pipeline.app import CONF_DIR  # noqa: E402  (registers the schema)
 
 FAST = ["data.num_samples=8", "data.seq_len=64", "data.batch_size=4", "logger=none", "eval.enabled=false"]
 
@@ -33,7 +33,7 @@ def make_cfg(overrides: list[str]):
 
 def run_job(tmp_path: Path, overrides: list[str]) -> Path:
     """Run one job in-process; returns its run directory."""
-    from deepseek_ptq.app import execute
+    from deepseek_ptq.pipeline.app import execute
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_cfg, run_job
-from deepseek_ptq import bench
+
+from deepseek_ptq.devtools import bench
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.load import PACKAGED, RandomWeights, build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.kernels import dequant_torch
+from deepseek_ptq.model.load import PACKAGED, RandomWeights, build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Linear, Parallel
 from deepseek_ptq.model.random_init import init_random_
 from deepseek_ptq.model.transformer import Transformer

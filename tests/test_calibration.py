@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_amax, run_job
 from safetensors.torch import load_file
 
-from conftest import load_amax, run_job
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.kernels import dequant_torch
 from deepseek_ptq.model.load import PACKAGED
@@ -94,7 +94,7 @@ def test_every_quant_option_calibrates(cache_dir, tmp_path, quant):
 
 
 def test_compare_topk_with_all_experts(runs):
-    from deepseek_ptq.compare import compare, load_run
+    from deepseek_ptq.analysis.compare import compare, load_run
 
     result = compare(load_run(runs["topk"]), load_run(runs["all"]))
     groups = result["groups"]

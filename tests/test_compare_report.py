@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import with_fast
-from deepseek_ptq import compare, report
 from wandb_records import read_run
+
+from deepseek_ptq.analysis import compare, report
 
 
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """Hugging Face DeepSeek-V3 checkpoint -> DeepSeek's MP shards: renames, sharding, MTP skipped, round trip.
 
 The Hugging Face checkpoint is written by a test helper from the tiny model's own shards with a literal rename
-table (written out here, independent of ``deepseek_ptq.hf_names``), split over three files with an index and
+table (written out here, independent of ``deepseek_ptq.hf.names``), split over three files with an index and
 carrying an extra multi-token-prediction layer; converting it back must give the generated shards at mp1 and
 mp2 tensor for tensor, bit for bit.
 """
@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deepseek_ptq.convert_hf import convert
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.hf_names import args_from_hf_config, from_hf, hf_config, to_hf
+from deepseek_ptq.hf.convert import convert
+from deepseek_ptq.hf.names import args_from_hf_config, from_hf, hf_config, to_hf
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import load_shard, shard_name
 from deepseek_ptq.model.generate import ensure_generated_checkpoint

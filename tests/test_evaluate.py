@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from deepseek_ptq.evaluate import quantizers_disabled, score_sequences, summarize
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.random_init import init_random_
 from deepseek_ptq.model.transformer import Transformer
+from deepseek_ptq.observe.evaluate import quantizers_disabled, score_sequences, summarize
 from deepseek_ptq.quant.calibrate import calibrate
 from deepseek_ptq.quant.recipes import build_quant_config
 

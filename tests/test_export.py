@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, make_cfg, run_job
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from conftest import FAST, make_cfg, run_job
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.export import export_run, merge_amax
-from deepseek_ptq.export_formats import FP8, NVFP4, module_formats
+from deepseek_ptq.hf.export import export_run, merge_amax
+from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
+from deepseek_ptq.hf.nvfp4_pack import unpack_nvfp4
 from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.nvfp4_pack import unpack_nvfp4
 from deepseek_ptq.quant.recipes import build_quant_config
 
 TINY = ["model=tiny_random"]
@@ -113,7 +113,7 @@ def calibrated_model(run_dir: Path, overrides: list[str]):
 
 
 def hf(module: str) -> str:
-    """Literal DeepSeek -> Hugging Face module names (independent of deepseek_ptq.hf_names)."""
+    """Literal DeepSeek -> Hugging Face module names (independent of deepseek_ptq.hf.names)."""
     table = {"attn": "self_attn", "ffn": "mlp", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj",
              "wq_a": "q_a_proj", "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa", "wkv_b": "kv_b_proj"}
     return "model." + ".".join(table.get(p, p) for p in module.split("."))

@@ -11,16 +11,18 @@ import torch.distributed as dist
 from modelopt.torch.quantization.nn import TensorQuantizer
 from omegaconf import OmegaConf
 
-from deepseek_ptq.bench import fixup_shape_args, quantizer_amax
-from deepseek_ptq.launch import free_port
+from deepseek_ptq.devtools.bench import fixup_shape_args, quantizer_amax
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.random_init import init_random_
 from deepseek_ptq.model.transformer import Transformer
-from deepseek_ptq.quant import fast_calib, fast_fixup, fast_moe, fixup
+from deepseek_ptq.pipeline.launch import free_port
+from deepseek_ptq.quant import fast_fixup, fixup
 from deepseek_ptq.quant.calibrate import calibrate
+from deepseek_ptq.quant.fast import calib as fast_calib
+from deepseek_ptq.quant.fast import moe as fast_moe
 from deepseek_ptq.quant.recipes import build_quant_config
 
 TINY = ModelArgs.from_json(PACKAGED / "tiny.json")

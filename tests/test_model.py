@@ -13,7 +13,7 @@ from deepseek_ptq.model.checkpoint import load_shard, shard_name, write_shards
 from deepseek_ptq.model.generate import random_full_state
 from deepseek_ptq.model.kernels import dequant_torch, quantize_fp8_blocks
 from deepseek_ptq.model.load import PACKAGED
-from deepseek_ptq.model.moe import MoE, Gate
+from deepseek_ptq.model.moe import Gate, MoE
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.transformer import Transformer
 
@@ -152,9 +152,9 @@ def test_checkpoint_round_trip_names_dtypes_shapes(tmp_path):
         model = Transformer(TINY, Parallel(rank, 2, None))
         load_shard(model, tmp_path, rank, 2)
         sd = model.state_dict()
-        assert sd["layers.1.ffn.experts.%d.w2.weight" % (8 * rank)].dtype == torch.float8_e4m3fn
-        assert sd["layers.1.ffn.experts.%d.w2.scale" % (8 * rank)].dtype == torch.float32
-        assert "layers.1.ffn.experts.%d.w1.weight" % (8 * (1 - rank)) not in sd
+        assert sd[f"layers.1.ffn.experts.{8 * rank}.w2.weight"].dtype == torch.float8_e4m3fn
+        assert sd[f"layers.1.ffn.experts.{8 * rank}.w2.scale"].dtype == torch.float32
+        assert f"layers.1.ffn.experts.{8 * (1 - rank)}.w1.weight" not in sd
         assert sd["layers.0.attn.wq_b.weight"].shape == (TINY.n_heads * TINY.qk_head_dim // 2, TINY.q_lora_rank)
         assert sd["layers.0.attn.wo.weight"].shape == (TINY.dim, TINY.n_heads * TINY.v_head_dim // 2)
         assert sd["embed.weight"].dtype == torch.bfloat16 and sd["embed.weight"].shape[0] == TINY.vocab_size // 2

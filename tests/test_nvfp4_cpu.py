@@ -4,12 +4,11 @@ import copy
 import warnings
 import zlib
 
+import modelopt.torch.quantization as mtq
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import modelopt.torch.quantization as mtq
 from modelopt.torch.quantization.config import QuantizerAttributeConfig
 from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend

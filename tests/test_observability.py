@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_job
-from deepseek_ptq.stats import QuantizerPath, ratio_summary
-from deepseek_ptq.wandb_log import flatten
 from wandb_records import read_run
+
+from deepseek_ptq.observe.stats import QuantizerPath, ratio_summary
+from deepseek_ptq.observe.wandb_log import flatten
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

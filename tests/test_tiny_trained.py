@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_job
 from safetensors.torch import load_file
 
-from conftest import run_job
-from deepseek_ptq.config import DataConfig
-from deepseek_ptq.data import make_batches
+from deepseek_ptq.devtools.train import bits_per_byte, expert_loads, load_release, load_table
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import check_checkpoint, shard_name, shard_state_dict
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.release import ensure_packaged_checkpoint, packaged_dir
-from deepseek_ptq.train import bits_per_byte, expert_loads, load_release, load_table
+from deepseek_ptq.pipeline.config import DataConfig
+from deepseek_ptq.pipeline.data import make_batches
 
 TINY_DIR = packaged_dir("tiny")
 CPU = torch.device("cpu")

@@ -63,7 +63,7 @@ class ModelArgs:
         return self.n_layers - self.n_dense_layers
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ModelArgs":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in values.items() if k in known}
         extra = {k: v for k, v in values.items() if k not in known}
@@ -73,7 +73,7 @@ class ModelArgs:
             raise UserError(f"{source}: {err}", fix="use DeepSeek's ModelArgs field names") from err
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelArgs":
+    def from_json(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         try:
             values = json.loads(path.read_text())

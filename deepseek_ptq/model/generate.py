@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from deepseek_ptq.files import atomic_write, write_json
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import find_shards, shard_name, shard_state_dict
 from deepseek_ptq.model.kernels import quantize_fp8_blocks
 from deepseek_ptq.model.transformer import Transformer
-from safetensors.torch import save_file
 
 
 @torch.no_grad()
@@ -65,15 +64,9 @@ def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cac
         atomic_save(shard_state_dict(full, args, rank, world_size), ckpt_dir / shard_name(rank, world_size))
     config = ckpt_dir / "config.json"
     if not config.exists():
-        fd, tmp = tempfile.mkstemp(dir=ckpt_dir, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(args.to_dict(), f, indent=2)
-        os.replace(tmp, config)
+        write_json(config, args.to_dict())
     return ckpt_dir
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))

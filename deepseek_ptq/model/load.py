@@ -14,8 +14,8 @@ from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import check_checkpoint, load_shard
 from deepseek_ptq.model.generate import ensure_generated_checkpoint
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.model.release import ensure_packaged_checkpoint
 from deepseek_ptq.model.random_init import init_random_
+from deepseek_ptq.model.release import ensure_packaged_checkpoint
 from deepseek_ptq.model.transformer import Transformer
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,7 +95,8 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
     """
     import modelopt.torch.quantization as mtq
 
-    from deepseek_ptq.quant import fast_calib, modules
+    from deepseek_ptq.quant import modules
+    from deepseek_ptq.quant.fast import calib as fast_calib
     from deepseek_ptq.quant.recipes import algorithm_method
 
     modules.register()

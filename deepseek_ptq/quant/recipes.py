@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from deepseek_ptq.config import choice
+from deepseek_ptq.common import choice
 from deepseek_ptq.errors import UserError
 
 _FP8_PER_TENSOR = {"num_bits": (4, 3), "axis": None}

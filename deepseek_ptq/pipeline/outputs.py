@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +10,8 @@ import torch.distributed as dist
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
+from deepseek_ptq.common import natural_key
 from deepseek_ptq.quant.modules import quantized_linears
-
-_NUM = re.compile(r"(\d+)")
-
-
-def natural_key(name: str) -> list[Any]:
-    """layers.2 before layers.10, experts.3 before experts.12."""
-    return [int(p) if p.isdigit() else p for p in _NUM.split(name)]
 
 
 def amax_state(model: nn.Module) -> dict[str, torch.Tensor]:

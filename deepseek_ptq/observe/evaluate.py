@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 from tqdm import tqdm
+
+from deepseek_ptq.observe.eval_units import SEQUENCES_CSV, UNIT_LABELS, quality_unit  # noqa: F401 (re-exported)
 
 
 @contextmanager
@@ -83,18 +85,6 @@ def summarize(scores: SequenceScores, byte_level: bool) -> dict[str, float | Non
             "top1_agreement": scores.top1_agree / scores.tokens, "tokens": scores.tokens, "sequences": len(scores.kl),
             f"{unit}_ref": float(scores.ce_ref.mean()) * scale, f"{unit}_quant": float(scores.ce_quant.mean()) * scale,
             f"{unit}_delta": float(delta.mean()) * scale, f"{unit}_delta_se": _scaled(standard_error(delta), scale)}
-
-
-# Metric prefix -> what its cross-entropies are in
-UNIT_LABELS = {"bpb": "bits/byte", "ce": "nats/token"}
-
-
-def quality_unit(byte_level: bool) -> tuple[str, float]:
-    """(metric prefix, factor from nats per token): bits per byte for byte-level vocabularies."""
-    return ("bpb", 1 / math.log(2)) if byte_level else ("ce", 1.0)
-
-
-SEQUENCES_CSV = "eval_sequences.csv"
 
 
 def write_sequences(scores: SequenceScores, byte_level: bool, path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepseek_ptq.stats import RunStats, amax_by_layer
+from deepseek_ptq.observe.stats import RunStats, amax_by_layer
 
 
 def _pyplot():

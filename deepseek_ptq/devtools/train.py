@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from deepseek_ptq.data import ByteTokenizer, default_corpus, is_heldout, read_tokens
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import load_shard, shard_name
@@ -32,6 +31,7 @@ from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.release import release_state
 from deepseek_ptq.model.transformer import Transformer
+from deepseek_ptq.pipeline.data import ByteTokenizer, default_corpus, is_heldout, read_tokens
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TrainConfig:
 
 def corpus_streams(corpus: str | None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """Byte streams of the calibration-split files (training) and of the held-out files, split by name as
-    ``deepseek_ptq.data`` splits them, so training never sees a file the held-out figures are measured on."""
+    ``deepseek_ptq.pipeline.data`` splits them, so training never sees a file the held-out figures are measured on."""
     files = sorted(Path(corpus).glob("*.py")) if corpus else default_corpus()
     if not files:
         raise UserError(f"no *.py files in {corpus}", fix="point --corpus at a folder of Python sources")

@@ -9,25 +9,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from modelopt.torch.quantization.nn import TensorQuantizer
 from omegaconf import OmegaConf
 
-from deepseek_ptq import rundir, wandb_log
-from deepseek_ptq.config import choice, eval_enabled
-from deepseek_ptq.data import make_batches
+from deepseek_ptq.common import choice, natural_key
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.evaluate import SEQUENCES_CSV, score_sequences, summarize, write_sequences
+from deepseek_ptq.files import write_json
 from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.outputs import (gather_to_all, natural_key, quantizer_lines, save_amax, unquantized_linears,
-                                  write_quant_summary)
-from deepseek_ptq.quant.calibrate import calibrate
+from deepseek_ptq.observe import wandb_log
+from deepseek_ptq.observe.evaluate import SEQUENCES_CSV, score_sequences, summarize, write_sequences
+from deepseek_ptq.observe.plots import write_plots
+from deepseek_ptq.observe.stats import collect, write_csv
+from deepseek_ptq.observe.summary import write_summary
+from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.pipeline.config import eval_enabled
+from deepseek_ptq.pipeline.data import make_batches
+from deepseek_ptq.pipeline.outputs import (
+    gather_to_all,
+    quantizer_lines,
+    save_amax,
+    unquantized_linears,
+    write_quant_summary,
+)
 from deepseek_ptq.quant import fast_fixup, fixup
+from deepseek_ptq.quant.calibrate import calibrate
 from deepseek_ptq.quant.fixup import has_amax, missing_amax
 from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
-from deepseek_ptq.run_summary import write_summary
-from deepseek_ptq.stats import collect, write_csv
-from deepseek_ptq.plots import write_plots
-from modelopt.torch.quantization.nn import TensorQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +158,7 @@ def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[st
         quantization["group_size"] = 16
     elif "AWQ" in preset.upper() or "INT4" in preset.upper():
         quantization["group_size"] = 128
-    rundir.write_json(run_dir / "hf_quant_config.json", {
+    write_json(run_dir / "hf_quant_config.json", {
         "producer": {"name": "modelopt", "version": modelopt.__version__, "runner": "deepseek-ptq"},
         "quantization": quantization,
         "config": OmegaConf.to_container(cfg.quant, resolve=True, enum_to_str=True),

@@ -10,16 +10,24 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from deepseek_ptq import rundir
-from deepseek_ptq.config import choice, register_schema
+from deepseek_ptq.common import choice
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.launch import (RankFailed, joined_rank, let_rank0_record_first, rank_main, spawn, stop_on_sigterm,
-                                 terminated)
+from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.pipeline.config import register_schema
+from deepseek_ptq.pipeline.launch import (
+    RankFailed,
+    joined_rank,
+    let_rank0_record_first,
+    rank_main,
+    spawn,
+    stop_on_sigterm,
+    terminated,
+)
 
 log = logging.getLogger("deepseek_ptq")
-# The config groups live beside the package in the source tree (an editable install, as README says).
+# The config groups ship inside the package (conf/ at the top of the source tree links here).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 

@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
+from deepseek_ptq.files import write_json
+
 METRICS = "metrics.json"
 ARTIFACTS = ("amax", "stats", "plots", ".quant_summary.txt", "hf_quant_config.json", "summary.md")
-
-
-def write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from deepseek_ptq.outputs import natural_key
+from deepseek_ptq.common import natural_key
 
 _QUANTIZER = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<block>attn|ffn)\.(?P<rest>.+)\.(?P<role>\w+)_quantizer$")
 _EXPERT = re.compile(r"^experts\.(?P<expert>\d+)\.(?P<linear>\w+)$")
@@ -30,7 +31,7 @@ class QuantizerPath:
     role: str  # input, weight, output
 
     @classmethod
-    def parse(cls, name: str) -> "QuantizerPath":
+    def parse(cls, name: str) -> QuantizerPath:
         m = _QUANTIZER.match(name)
         if m is None:
             module, _, role = name.rpartition(".")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from deepseek_ptq.config import choice
-from deepseek_ptq.stats import RunStats
+from deepseek_ptq.common import choice
+from deepseek_ptq.observe.stats import RunStats
 
 log = logging.getLogger(__name__)
 

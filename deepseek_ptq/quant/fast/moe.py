@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Linear
-from deepseek_ptq.quant.running_max import NOTHING_SEEN, merge_into_calibrators
+from deepseek_ptq.quant.fast.running_max import NOTHING_SEEN, merge_into_calibrators
+
 
 @functools.cache
 def _triton_dequant():
@@ -80,7 +81,7 @@ class ExpertStats:
     w2: torch.Tensor
 
     @classmethod
-    def empty(cls, n_local: int, device: torch.device) -> "ExpertStats":
+    def empty(cls, n_local: int, device: torch.device) -> ExpertStats:
         def make() -> torch.Tensor:
             return torch.full((n_local + 1,), NOTHING_SEEN, dtype=torch.float32, device=device)
         return cls(make(), make())

@@ -3,7 +3,6 @@ the measurements of the stored checkpoint, and the model card built from both.""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,14 @@ from typing import Any
 
 import torch
 
-from deepseek_ptq.train import bits_per_byte, corpus_streams, expert_loads, heldout_windows, load_release, load_table
+from deepseek_ptq.devtools.train import (
+    bits_per_byte,
+    corpus_streams,
+    expert_loads,
+    heldout_windows,
+    load_release,
+    load_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +72,8 @@ def log_to_wandb(record: dict[str, Any], wandb_dir: Path, project: str = "deepse
 def measure_stored(ckpt_dir: Path, corpus: str | None, seq_len: int) -> dict[str, Any]:
     """The stored checkpoint on the CPU, loaded as the runner loads it: held-out bits per byte (whole held-out
     files in windows of ``seq_len``) and routed-token counts on the runner's default calibration set."""
-    from deepseek_ptq.config import DataConfig
-    from deepseek_ptq.data import make_batches
+    from deepseek_ptq.pipeline.config import DataConfig
+    from deepseek_ptq.pipeline.data import make_batches
 
     device = torch.device("cpu")
     model = load_release(ckpt_dir, device)
@@ -129,7 +135,7 @@ byte vocabulary (256), trained on a Python standard library's top-level `*.py` f
 - Device: {record['device']}, torch {record['torch']}; {record['steps_done']} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes
   in {record['train_seconds']:.0f} s of training; seed {cfg['seed']} (initialisation and data order).
 - Data: {record['train_files']} calibration-split files ({record['train_bytes']:,} bytes) for training; the {len(record['heldout_files'])} held-out
-  files of `deepseek_ptq.data` ({', '.join(record['heldout_files'])}; {record['heldout_bytes']:,} bytes in windows) never seen in training.
+  files of `deepseek_ptq.pipeline.data` ({', '.join(record['heldout_files'])}; {record['heldout_bytes']:,} bytes in windows) never seen in training.
 - Precision: fp32 master weights and AdamW (lr {cfg['lr']}, cosine to {cfg['min_lr_ratio']}x, {cfg['warmup_steps']} warm-up steps,
   weight decay {cfg['weight_decay']}, clip {cfg['grad_clip']}), forward and backward under bf16 autocast.
 - Routing balance as DeepSeek-V3: selection-bias update of speed {cfg['bias_gamma']} after every step (bias for selection only),

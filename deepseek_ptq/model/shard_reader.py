@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.checkpoint import check_checkpoint, find_shards, shard_name, split_dim
-from deepseek_ptq.outputs import natural_key
 
 
 def pick_world_size(ckpt_dir: Path, preferred: int | None) -> int:
@@ -62,7 +62,7 @@ class ShardReader:
     def close(self) -> None:
         self._stack.close()
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

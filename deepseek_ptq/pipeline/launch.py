@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from deepseek_ptq import rundir
-from deepseek_ptq.config import choice
+from deepseek_ptq.common import choice
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.pipeline import rundir
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
 
     ``run_dir`` None: a joined rank other than 0, which takes global rank 0's run directory.
     """
-    from deepseek_ptq.job import run_rank
+    from deepseek_ptq.pipeline.job import run_rank
 
     try:
         device = pick_device(choice(cfg.parallel.device), local_rank)

@@ -22,9 +22,9 @@ from modelopt.torch.quantization.calib import MaxCalibrator
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
-from deepseek_ptq.quant.fast_moe import FastMoE, stacked_bytes
+from deepseek_ptq.quant.fast.moe import FastMoE, stacked_bytes
+from deepseek_ptq.quant.fast.running_max import RunningMax, merge_into_calibrators
 from deepseek_ptq.quant.modules import quantized_linears
-from deepseek_ptq.quant.running_max import RunningMax, merge_into_calibrators
 
 log = logging.getLogger(__name__)
 

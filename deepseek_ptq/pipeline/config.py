@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -52,11 +52,6 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
-def choice(value: Any) -> Any:
-    """The plain string of an enum choice: a spawned rank rebuilds its config from YAML, where enums are strings."""
-    return getattr(value, "value", value)
-
-
 def _optional_model_arg_fields() -> list[tuple[str, Any, Any]]:
     """Every ModelArgs field as an optional override (None: keep the model config JSON's value)."""
     out = []
@@ -67,7 +62,7 @@ def _optional_model_arg_fields() -> list[tuple[str, Any, Any]]:
         base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
         if typing.get_origin(kind) is typing.Literal:
             base = str
-        out.append((f.name, Optional[base], dataclasses.field(default=None)))
+        out.append((f.name, base | None, dataclasses.field(default=None)))
     return out
 
 
@@ -75,11 +70,11 @@ def _optional_model_arg_fields() -> list[tuple[str, Any, Any]]:
 class _ModelBase:
     name: str = MISSING
     # A packaged config (tiny, deepseek_v3, deepseek_16b) or a path to a ModelArgs JSON; None: ckpt_dir/config.json.
-    config: Optional[str] = None
+    config: str | None = None
     # Folder of model{rank}-mp{W}.safetensors; None: a seeded checkpoint generated into cache_dir on first use.
-    ckpt_dir: Optional[str] = None
+    ckpt_dir: str | None = None
     # A checkpoint shipped in the package (deepseek_ptq/model/<name>/), used when ckpt_dir is None (model=tiny).
-    packaged_ckpt: Optional[str] = None
+    packaged_ckpt: str | None = None
     seed: int = 0
     # Draw random weights on the device from `seed` instead of loading a checkpoint (model=ds_v3_slice).
     random_weights: bool = False
@@ -93,10 +88,10 @@ ModelConfig = dataclasses.make_dataclass("ModelConfig", _optional_model_arg_fiel
 class QuantConfig:
     name: str = MISSING
     preset: str = MISSING  # a modelopt *_CFG name
-    attn: Optional[AttnQuant] = None  # attention projections stay unquantized unless set
-    wo: Optional[bool] = None  # None: quantized for FP4 formats, as the reference does
-    kv_cache: Optional[KVCacheFormat] = None  # recorded in hf_quant_config.json for the serving engine
-    algorithm: Optional[str] = None  # None: the preset's own (max, awq_lite, ...)
+    attn: AttnQuant | None = None  # attention projections stay unquantized unless set
+    wo: bool | None = None  # None: quantized for FP4 formats, as the reference does
+    kv_cache: KVCacheFormat | None = None  # recorded in hf_quant_config.json for the serving engine
+    algorithm: str | None = None  # None: the preset's own (max, awq_lite, ...)
 
 
 @dataclass
@@ -120,8 +115,8 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     name: DataSource = DataSource.text
-    paths: List[str] = field(default_factory=list)  # files or globs; empty: the Python standard library sources
-    tokenizer: Optional[str] = None  # None: bytes for vocab 256, else ckpt_dir/tokenizer.json
+    paths: list[str] = field(default_factory=list)  # files or globs; empty: the Python standard library sources
+    tokenizer: str | None = None  # None: bytes for vocab 256, else ckpt_dir/tokenizer.json
     num_samples: int = 32
     seq_len: int = 256
     batch_size: int = 8
@@ -132,7 +127,7 @@ class DataConfig:
 class EvalConfig:
     # Fake-quantized vs unquantized model on held-out data. None: on for the tiny models, off for the
     # others (a 671B evaluation is a choice, not a default).
-    enabled: Optional[bool] = None
+    enabled: bool | None = None
     num_samples: int = 8  # held-out samples, never used for calibration
 
 
@@ -147,9 +142,9 @@ class LoggerConfig:
     name: LoggerKind = LoggerKind.wandb
     project: str = "deepseek-ptq"
     mode: WandbMode = WandbMode.offline
-    entity: Optional[str] = None
-    group: Optional[str] = None  # None: the sweep folder for multirun, else no group
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    group: str | None = None  # None: the sweep folder for multirun, else no group
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass

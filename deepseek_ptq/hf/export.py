@@ -1,0 +1,314 @@
+"""Export a calibrated run as a Hugging Face DeepSeek-V3 checkpoint that serving engines load.
+
+    python -m deepseek_ptq.hf.export RUN_DIR --out DIR [--max-shard-size 5GB] [--unquantized bf16|fp8]
+
+Reads the run's amax dicts (any world size W) and its FP8 checkpoint, one module at a time, and writes
+sharded safetensors with an index, config.json (with ``quantization_config``), hf_quant_config.json and the
+tokenizer files. NVFP4 linears: packed uint8 weight, float8_e4m3fn ``weight_scale`` per 16 elements,
+``weight_scale_2`` and ``input_scale`` = amax / (6 x 448); gate/up (w1/w3) of one expert, dense MLP or shared
+experts share the max of their two weight amax (one ``weight_scale_2``, as engines fuse them) and of their two
+input amax. FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scale`` = amax / 448. Linears
+left unquantized are written in bf16 by default: that is the form of NVIDIA's public NVFP4 DeepSeek
+checkpoints, and the engines' loaders for modelopt checkpoints treat excluded modules as plain bf16 linears.
+``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
+
+A quantized module without an amax, or with a zero, NaN or infinite scale, stops the export before anything
+is written (engines turn such checkpoints into NaN output); the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from deepseek_ptq.common import natural_key
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.files import atomic_output_dir, check_new_output, write_json
+from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
+from deepseek_ptq.hf.names import LINEAR_MODULES, hf_config, hf_module, to_hf
+from deepseek_ptq.hf.nvfp4_pack import fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
+from deepseek_ptq.hf.safetensors_io import ShardedWriter
+from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.kernels import dequant
+from deepseek_ptq.model.shard_reader import ShardReader, pick_world_size
+from deepseek_ptq.pipeline import rundir
+
+log = logging.getLogger(__name__)
+# modelopt warns on import that transformers is missing; this export does not use its transformers code.
+warnings.filterwarnings("ignore", message="Cannot find transformers package")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
+_FUSED = {"w1": "w3", "w3": "w1"}  # gate_proj/up_proj: engines run them as one GEMM
+
+
+@dataclass
+class Run:
+    """What the export needs to know of a finished run."""
+
+    run_dir: Path
+    ckpt_dir: Path
+    world_size: int
+    args: ModelArgs
+    quant_cfg: Any  # the run's quant group (DictConfig)
+
+
+@dataclass
+class ModuleScales:
+    """One quantized linear's export: its format, the weight amax it is packed with, its activation scale."""
+
+    fmt: str
+    weight_amax: torch.Tensor
+    input_scale: torch.Tensor
+
+
+def read_run(run_dir: Path) -> Run:
+    """The run's config, world size and checkpoint, refusing runs that did not finish."""
+    metrics = rundir.read_metrics(run_dir)
+    if not metrics:
+        raise UserError(f"{run_dir} holds no metrics.json", fix="pass the run directory of a calibration run")
+    if metrics.get("status") != "ok":
+        raise UserError(f"run {run_dir} has status {metrics.get('status')!r}, not 'ok'",
+                        fix="export a run that finished (see its metrics.json error)")
+    ckpt_dir = Path(metrics["ckpt_dir"])
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.exists():
+        from deepseek_ptq.model.load import resolve_args
+
+        cfg = OmegaConf.load(hydra_cfg)
+        quant_cfg, args = cfg.quant, resolve_args(cfg.model)
+    else:  # runs started in-process (no Hydra output dir): the quant group is in hf_quant_config.json
+        quant_json = run_dir / "hf_quant_config.json"
+        if not quant_json.exists() or not (ckpt_dir / "config.json").exists():
+            raise UserError(f"{run_dir} has neither .hydra/config.yaml nor hf_quant_config.json with "
+                            f"{ckpt_dir}/config.json", fix="pass a complete run directory")
+        quant_cfg = OmegaConf.create(json.loads(quant_json.read_text())["config"])
+        args = ModelArgs.from_json(ckpt_dir / "config.json")
+    return Run(run_dir, ckpt_dir, int(metrics["world_size"]), args, quant_cfg)
+
+
+def merge_amax(run_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
+    """All ranks' amax in one dict: max over the ranks that hold a key (tensor-parallel shards agree after the fixup)."""
+    merged: dict[str, torch.Tensor] = {}
+    differing = []
+    for rank in range(world_size):
+        path = run_dir / "amax" / f"amax_dict_rank{rank}-mp{world_size}.pt"
+        if not path.exists():
+            raise UserError(f"{path} does not exist", fix="export a run whose amax directory is complete")
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            if key in merged:
+                if not torch.equal(merged[key], value):
+                    differing.append(key)
+                merged[key] = torch.maximum(merged[key], value)
+            else:
+                merged[key] = value
+    if differing:
+        log.warning("%d amax differ between ranks (the max is exported): %s", len(differing), ", ".join(differing[:5]))
+    others = sorted(k for k in merged if not _AMAX.match(k))
+    if others:
+        raise UserError(f"the run holds quantizer state this export does not write: {', '.join(others[:3])}",
+                        fix="export runs made with quant=nvfp4 or quant=fp8 (no AWQ pre-quant scales)")
+    return merged
+
+
+def _scale(fmt: str, amax: torch.Tensor) -> torch.Tensor:
+    return nvfp4_global_scale(amax) if fmt == NVFP4 else fp8_scale(amax)
+
+
+def _bad(scale: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(scale)) or float(scale) == 0.0
+
+
+def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -> dict[str, ModuleScales]:
+    """Every quantized linear's scales, or one UserError listing every module that cannot be exported."""
+    quantized = {m for m, f in formats.items() if f}
+    stray = sorted({_AMAX.match(k).group(1) for k in amax} & (set(formats) - quantized), key=natural_key)
+    if stray:
+        raise UserError(f"the run holds amax for linears its quant config leaves unquantized: {', '.join(stray[:5])}",
+                        fix="export the run with the config it was calibrated with (its .hydra/config.yaml)")
+
+    def value(module: str, kind: str) -> torch.Tensor | None:
+        found = amax.get(f"{module}.{kind}_quantizer._amax")
+        return None if found is None else found.float().amax()
+
+    def shared(module: str, kind: str) -> torch.Tensor | None:
+        """The amax the module is exported with: w1/w3 share the max of the pair (NVFP4 weights, all inputs)."""
+        own = value(module, kind)
+        last = module.rsplit(".", 1)[-1]
+        partner = module[: -len(last)] + _FUSED[last] if last in _FUSED else None
+        other = value(partner, kind) if partner in quantized and formats[partner] == formats[module] else None
+        if own is None or other is None or (kind == "weight" and formats[module] != NVFP4):
+            return own
+        return torch.maximum(own, other)
+
+    problems: list[tuple[str, str]] = []
+    plan = {}
+    for module in sorted(quantized, key=natural_key):
+        fmt = formats[module]
+        weight_amax, input_amax = shared(module, "weight"), shared(module, "input")
+        for kind, found in (("input", input_amax), ("weight", weight_amax)):
+            if found is None:
+                problems.append((module, f"no {kind} amax"))
+            elif _bad(_scale(fmt, found)):
+                problems.append((module, f"{kind} scale {float(_scale(fmt, found))} from amax {float(found)}"))
+        if weight_amax is not None and input_amax is not None:
+            plan[module] = ModuleScales(fmt, weight_amax, _scale(fmt, input_amax))
+    if problems:
+        raise _refusal(problems)
+    return plan
+
+
+def _refusal(problems: list[tuple[str, str]]) -> UserError:
+    problems = sorted(set(problems), key=lambda p: (natural_key(p[0]), p[1]))
+    listing = "; ".join(f"{m} ({why})" for m, why in problems)
+    modules = len({m for m, _ in problems})
+    return UserError(f"{modules} quantized modules cannot be exported, serving engines would compute NaN with them: "
+                     f"{listing}", fix="recalibrate so that every quantized module sees data (more data.num_samples, "
+                                       "calib=all_experts), or leave these modules unquantized")
+
+
+def _linear_tensors(module: str, reader: ShardReader, scales: ModuleScales | None, unquantized: str,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    weight = reader.get(f"{module}.weight")
+    block_scale = reader.get(f"{module}.scale") if f"{module}.scale" in reader else None
+    hf = hf_module(module)
+    if scales is None:
+        if block_scale is not None and unquantized == "bf16":
+            return {f"{hf}.weight": dequant(weight.to(device), block_scale.to(device), torch.bfloat16).cpu()}
+        out = {f"{hf}.weight": weight}
+        if block_scale is not None:
+            out[f"{hf}.weight_scale_inv"] = block_scale
+        return out
+    # The real weight exactly as the calibrated model's quantizer saw it (bf16 compute dtype).
+    weight = weight.to(device)
+    real = dequant(weight, block_scale.to(device), torch.bfloat16) if block_scale is not None else weight.to(torch.bfloat16)
+    if scales.fmt == NVFP4:
+        packed, block, scale_2 = pack_nvfp4(real, scales.weight_amax.to(device))
+        tensors = {f"{hf}.weight": packed, f"{hf}.weight_scale": block, f"{hf}.weight_scale_2": scale_2}
+    else:
+        codes, weight_scale = quantize_fp8(real, scales.weight_amax.to(device))
+        tensors = {f"{hf}.weight": codes, f"{hf}.weight_scale": weight_scale}
+    return {**{k: v.cpu() for k, v in tensors.items()}, f"{hf}.input_scale": scales.input_scale}
+
+
+def hf_quant_config(run: Run, formats: dict[str, str | None], modules: list[str]) -> dict[str, Any]:
+    """hf_quant_config.json in Hugging Face names (the form modelopt's own export writes)."""
+    import modelopt
+
+    from deepseek_ptq.common import choice
+
+    used = sorted({f for f in formats.values() if f})
+    quantization: dict[str, Any] = {}
+    if len(used) == 1:
+        quantization["quant_algo"] = used[0]
+        if used[0] == NVFP4:
+            quantization["group_size"] = 16
+    else:
+        quantization["quant_algo"] = "MIXED_PRECISION"
+        quantization["quantized_layers"] = {
+            hf_module(m): ({"quant_algo": NVFP4, "group_size": 16} if f == NVFP4 else {"quant_algo": FP8})
+            for m, f in sorted(formats.items(), key=lambda x: natural_key(x[0])) if f}
+    kv = choice(run.quant_cfg.get("kv_cache"))
+    quantization["kv_cache_quant_algo"] = kv.upper() if kv else None
+    # Routers stay bf16; engines must not build them as quantized layers.
+    gates = [m for m in modules if m.endswith(".ffn.gate")]
+    excluded = [m for m, f in formats.items() if not f] + gates
+    quantization["exclude_modules"] = sorted((hf_module(m) for m in excluded), key=natural_key)
+    return {"producer": {"name": "modelopt", "version": modelopt.__version__, "runner": "deepseek-ptq"},
+            "quantization": quantization}
+
+
+def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unquantized: str = "bf16",
+               device: str = "auto", progress: bool = True) -> Path:
+    """Write the Hugging Face checkpoint of ``run_dir`` to ``out``; returns ``out``.
+
+    ``device``: where weights are dequantized and packed (``auto``: CUDA when available). The bytes do not depend
+    on it (CUDA and CPU exports of one run compared equal on an H200).
+    """
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    from deepseek_ptq.quant.recipes import build_quant_config
+
+    if unquantized not in ("fp8", "bf16"):
+        raise UserError(f"--unquantized {unquantized!r} is not a choice", fix="use fp8 or bf16")
+    run_dir, out = Path(run_dir), Path(out)
+    check_new_output(out)
+    compute = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+    run = read_run(run_dir)
+    amax = merge_amax(run_dir, run.world_size)
+    world_size = pick_world_size(run.ckpt_dir, run.world_size)
+    with ShardReader(run.ckpt_dir, world_size) as reader:
+        keys = reader.keys()
+        modules = sorted({k.rsplit(".", 1)[0] for k in keys}, key=natural_key)
+        linears = [m for m in modules if m.rsplit(".", 1)[-1] in LINEAR_MODULES]
+        mtq_cfg = build_quant_config(run.quant_cfg, on_cpu=False)
+        formats = module_formats(mtq_cfg, linears, run.quant_cfg.preset)
+        plan = plan_scales(formats, amax)  # refuses before anything is written
+        with atomic_output_dir(out) as tmp:
+            writer = ShardedWriter(tmp, max_shard_bytes)
+            by_module: dict[str, list[str]] = {}
+            for key in keys:
+                by_module.setdefault(key.rsplit(".", 1)[0], []).append(key)
+            for module in tqdm(modules, desc="export", unit="module", disable=not progress):
+                if module in formats:
+                    tensors = _linear_tensors(module, reader, plan.get(module), unquantized, compute)
+                else:
+                    tensors = {to_hf(k): reader.get(k) for k in by_module[module]}
+                for name, tensor in tensors.items():
+                    writer.add(name, tensor)
+            writer.finish()
+            quant = hf_quant_config(run, formats, modules)
+            write_json(tmp / "hf_quant_config.json", quant)
+            write_json(tmp / "config.json", {**hf_config(run.args),
+                                                    "quantization_config": convert_hf_quant_config_format(quant)})
+            for name in TOKENIZER_FILES:
+                if (run.ckpt_dir / name).exists():
+                    shutil.copy2(run.ckpt_dir / name, tmp / name)
+    log.info("exported %s -> %s (%d quantized linears)", run_dir, out, len(plan))
+    return out
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise UserError(f"--max-shard-size {text!r} is not a size", fix="write it like 5GB, 500MB or 1000000")
+    number, prefix, unit = match.groups()
+    base = 1024 if unit.lower().startswith("i") else 1000
+    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepseek_ptq.hf.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run directory of a finished calibration run")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors file (default 5GB); one file's tensors are held in memory")
+    parser.add_argument("--unquantized", choices=("bf16", "fp8"), default="bf16",
+                        help="form of linears left unquantized: bf16 (default, as engines load them) or the released FP8 blocks")
+    parser.add_argument("--device", default="auto", help="where to pack weights: auto (CUDA if present), cpu, cuda")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        export_run(opts.run_dir, opts.out, parse_size(opts.max_shard_size), opts.unquantized, opts.device)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {opts.run_dir} -> {opts.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
