@@ -1,25 +1,20 @@
-"""The fast calibration path (quant/fast_calib.py, fast_moe.py) and the fast fixup (quant/fast_fixup.py)
-compute what the plain path computes: on the CPU, bit for bit, with real modelopt on the tiny model."""
+"""The fast calibration path (quant/fast/calib.py, quant/fast/moe.py) computes what the plain path computes:
+on the CPU, bit for bit, with real modelopt on the tiny model. The fixup has its own test (tests/test_fixup.py)."""
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
-import torch.distributed as dist
 from modelopt.torch.quantization.nn import TensorQuantizer
 from omegaconf import OmegaConf
 
-from deepseek_ptq.devtools.bench import fixup_shape_args, quantizer_amax
+from deepseek_ptq.devtools.bench import quantizer_amax
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.random_init import init_random_
 from deepseek_ptq.model.transformer import Transformer
-from deepseek_ptq.pipeline.launch import free_port
-from deepseek_ptq.quant import fast_fixup, fixup
 from deepseek_ptq.quant.calibrate import calibrate
 from deepseek_ptq.quant.fast import calib as fast_calib
 from deepseek_ptq.quant.fast import moe as fast_moe
@@ -181,48 +176,6 @@ def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
         runs[fast] = load_amax(run_dir)
     assert runs[True].keys() == runs[False].keys() and len(runs[True]) > 300
     assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
-
-
-# ------------------------------------------------------------------------------------------ fast fixup
-
-
-@pytest.fixture()
-def one_rank_group():
-    """A gloo group of one process: a W-rank layout's collectives, run in this process."""
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}",
-                            timeout=datetime.timedelta(seconds=60))
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
-def _calibrated_layout(args: ModelArgs, par: Parallel, all_experts: bool, tokens: int) -> Transformer:
-    model = Transformer(args, par)
-    init_random_(model, 0)
-    model.eval()
-    data = [torch.randint(0, args.vocab_size // par.world_size, (1, tokens), generator=torch.Generator().manual_seed(3))]
-    calibrate(model, build_quant_config(quant_cfg(PRESETS["nvfp4"]), on_cpu=True), data, all_experts, CPU, False)
-    return model
-
-
-@pytest.mark.parametrize("world_size,rank,all_experts,sync", [(1, 0, False, True), (1, 0, True, False),
-                                                               (8, 0, False, True), (8, 5, True, True)])
-def test_fast_fixup_gives_the_same_amax_and_report(one_rank_group, world_size, rank, all_experts, sync):
-    args = fixup_shape_args(n_layers=4, n_dense_layers=1) if world_size > 1 else TINY
-    par = Parallel(rank=rank, world_size=world_size, group=one_rank_group)
-    a = _calibrated_layout(args, par, all_experts, tokens=8)
-    b = _calibrated_layout(args, par, all_experts, tokens=8)
-    want = fixup.fixup(a, par, sync, CPU)
-    got = fast_fixup.fixup(b, par, sync, CPU)
-    want.seconds = got.seconds = 0.0
-    assert got == want
-    assert want.synced_input_amax > 0 or not sync
-    if world_size > 1:
-        assert want.tp_synced_amax > 0 and want.collectives == 1
-    amax_a, amax_b = quantizer_amax(a), quantizer_amax(b)
-    assert amax_a.keys() == amax_b.keys() and all(torch.equal(amax_a[k], amax_b[k]) for k in amax_a)
-    dtypes = [{n: m._amax.dtype for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and hasattr(m, "_amax")}
-              for model in (a, b)]
-    assert dtypes[0] == dtypes[1]
 
 
 # ------------------------------------------------------------------------------------------ on a GPU

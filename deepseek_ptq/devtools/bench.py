@@ -190,7 +190,6 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
     from deepseek_ptq.model.load import build_model, checkpoint_dir
     from deepseek_ptq.model.parallel import Parallel
     from deepseek_ptq.quant.calibrate import calibrate
-    from deepseek_ptq.quant.fast_fixup import fixup as fast_fixup
     from deepseek_ptq.quant.fixup import fixup
     from deepseek_ptq.quant.recipes import build_quant_config
 
@@ -232,7 +231,6 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
         t_end = time.perf_counter()
         per_batch = [b - a for a, b in zip(stamps, stamps[1:])]
         report = fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
-        fast_report = fast_fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
         result = {
             "mode": mode, "path": "fast" if fast else "plain", "batches": len(per_batch),
             "batch_shape": list(setup.batches[0].shape),
@@ -241,7 +239,7 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
             "s_per_batch_all": per_batch,
             "build_s": t_build, "setup_and_warmup_s": stamps[0] - t1 if stamps else None,
             "after_last_batch_s": t_end - stamps[-1] if stamps else None,
-            "fixup_s": report.seconds, "fast_fixup_s": fast_report.seconds, "fixup_collectives": report.collectives,
+            "fixup_s": report.seconds, "fixup_collectives": report.collectives,
             "fp8_weight_bytes": fp8_weight_bytes(model),
             "peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         }
@@ -417,7 +415,6 @@ def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_lay
     from deepseek_ptq.model.transformer import Transformer
     from deepseek_ptq.pipeline.launch import free_port
     from deepseek_ptq.quant.calibrate import calibrate
-    from deepseek_ptq.quant.fast_fixup import fixup as fast_fixup
     from deepseek_ptq.quant.fixup import fixup
     from deepseek_ptq.quant.modules import quantized_linears
     from deepseek_ptq.quant.recipes import build_quant_config
@@ -442,23 +439,22 @@ def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_lay
         result: dict[str, Any] = {"world_size_layout": world_size, "n_layers": n_layers, "moe_layers": args.n_moe_layers,
                                   "local_experts_per_layer": args.n_routed_experts // world_size,
                                   "quantizers_on_rank": sum(2 for _ in quantized_linears(model)), "setup_s": t_setup}
-        for label, fn in (("fixup", fixup), ("fast_fixup", fast_fixup)):
-            times = []
-            for _ in range(1 + repeats):
-                _sync(device)
-                report = fn(model, par, sync_experts=True, device=device)
-                _sync(device)
-                times.append(report.seconds)
-            result[label] = {"first_s": times[0], "repeat_median_s": statistics.median(times[1:]) if repeats else None,
-                             "synced_input_amax": report.synced_input_amax, "tp_synced_amax": report.tp_synced_amax,
-                             "collectives": report.collectives}
-        if profile_path:  # where the fast fixup's time goes (Python profile of one more call)
+        times = []
+        for _ in range(1 + repeats):
+            _sync(device)
+            report = fixup(model, par, sync_experts=True, device=device)
+            _sync(device)
+            times.append(report.seconds)
+        result.update({"first_s": times[0], "repeat_median_s": statistics.median(times[1:]) if repeats else None,
+                       "synced_input_amax": report.synced_input_amax, "tp_synced_amax": report.tp_synced_amax,
+                       "collectives": report.collectives})
+        if profile_path:  # where the fixup's time goes (Python profile of one more call)
             import cProfile
             import io
             import pstats
 
             prof = cProfile.Profile()
-            prof.runcall(fast_fixup, model, par, True, device)
+            prof.runcall(fixup, model, par, True, device)
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
             with open(profile_path, "w") as f:
@@ -510,13 +506,13 @@ def format_table(results: dict[str, Any]) -> str:
                 f"w13 {v['w13_us']:.0f} us, w2 {v['w2_us']:.0f} us, weights at {v['weight_GBps']:.0f} GB/s, "
                 f"{v['TFLOPs']:.0f} TFLOP/s, rel diff {v['rel_diff_to_first']:.1e}" if "total_us" in v else v.get("error", "")))
     head = f"{'mode':<12}{'path':<6}{'batches':>8}{'s/batch':>10}{'tok/s':>10}{'floor s':>9}{'ratio':>7}" \
-           f"{'fixup ms':>10}{'fast fixup ms':>14}{'peak GB':>9}{'setup s':>9}"
+           f"{'fixup ms':>10}{'peak GB':>9}{'setup s':>9}"
     lines += [head, "-" * len(head)]
     for r in results["runs"]:
         spb = r.get("s_per_batch")
         lines.append(f"{r['mode']:<12}{r['path']:<6}{r['batches']:>8}{spb or float('nan'):>10.4f}"
                      f"{r.get('tokens_per_s', float('nan')):>10.0f}{r['floor_s']:>9.4f}{r.get('ratio', float('nan')):>7.2f}"
-                     f"{r['fixup_s'] * 1e3:>10.1f}{r['fast_fixup_s'] * 1e3:>14.1f}{r['peak_GB'] or float('nan'):>9.1f}{r['setup_and_warmup_s'] or 0:>9.1f}")
+                     f"{r['fixup_s'] * 1e3:>10.1f}{r['peak_GB'] or float('nan'):>9.1f}{r['setup_and_warmup_s'] or 0:>9.1f}")
         if "ratio_min" in r:
             lines.append(f"{'':<18}(all-experts floor of the needed work: {r['floor_min_s']:.4f} s, ratio {r['ratio_min']:.2f})")
     for key, cmp in results.get("fast_vs_plain", {}).items():
@@ -526,10 +522,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"combine kernel check: {results['combine_check']}")
     if results.get("fixup_w8"):
         f = results["fixup_w8"]
-        for label in ("fixup", "fast_fixup"):
-            lines.append(f"{label} at W={f['world_size_layout']} shapes ({f['moe_layers']} MoE layers x "
-                         f"{f['local_experts_per_layer']} local experts, {f['quantizers_on_rank']} quantizers): first call "
-                         f"{f[label]['first_s'] * 1e3:.1f} ms, repeats median {f[label]['repeat_median_s'] * 1e3:.1f} ms")
+        median = f"{f['repeat_median_s'] * 1e3:.1f} ms" if f["repeat_median_s"] is not None else "-"
+        lines.append(f"fixup at W={f['world_size_layout']} shapes ({f['moe_layers']} MoE layers x "
+                     f"{f['local_experts_per_layer']} local experts, {f['quantizers_on_rank']} quantizers): first call "
+                     f"{f['first_s'] * 1e3:.1f} ms, repeats median {median}")
     return "\n".join(lines)
 
 
@@ -630,7 +626,7 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
     if fixup_layers:
         try:
             results["fixup_w8"] = bench_fixup(device, cfg.quant, n_layers=fixup_layers, profile_path=os.path.join(
-                profile_dir, "profile_fast_fixup.txt") if profile_dir else None)
+                profile_dir, "profile_fixup.txt") if profile_dir else None)
         except Exception as err:  # keep what the runs measured
             results["fixup_w8_error"] = repr(err)[:500]
         save()

@@ -32,9 +32,8 @@ from deepseek_ptq.pipeline.outputs import (
     unquantized_linears,
     write_quant_summary,
 )
-from deepseek_ptq.quant import fast_fixup, fixup
 from deepseek_ptq.quant.calibrate import calibrate
-from deepseek_ptq.quant.fixup import has_amax, missing_amax
+from deepseek_ptq.quant.fixup import fixup, has_amax, missing_amax
 from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
 
 log = logging.getLogger(__name__)
@@ -68,8 +67,7 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress=rank0, fast=cfg.calib.fast)
     tokens = {i: moe.token_counts.tolist() for i, moe in model.moe_layers()}  # before evaluation adds its own
     before = _amax_table(model)
-    fixup_impl = fast_fixup.fixup if cfg.calib.fast else fixup.fixup  # same amax and report, one tree walk
-    report = fixup_impl(model, par, sync_experts=cfg.calib.sync, device=device)
+    report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
     after = _amax_table(model)
     missing = missing_amax(model)
     save_amax(model, run_dir, par.rank, par.world_size)
