@@ -99,7 +99,7 @@ class CalibConfig:
     name: CalibMode = CalibMode.topk
     sync: bool = True  # peer-max expert input amax after top-k calibration
     strict: bool = False  # an enabled quantizer left without amax fails the run
-    fast: bool = True  # grouped-GEMM calibration and batched fixup; false: the plain reference path (same amax)
+    fast: bool = True  # grouped-GEMM calibration; false: the plain reference path, one modelopt call per expert
 
 
 @dataclass
