@@ -136,7 +136,11 @@ def run(overrides: list[str], modes: list[str], n_batches: int, device: torch.de
     args = resolve_args(cfg.model)
     batches = make_batches(cfg.data, args.vocab_size, str(checkpoint_dir(cfg.model, args, 1)), 0).calib[:n_batches]
     out: dict[str, Any] = {"overrides": base, "batches": [list(b.shape) for b in batches], "modes": {}}
+    if device.type == "cuda":
+        out["card"] = torch.cuda.get_device_name(device)
     for mode in modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         print(f"[fast_vs_plain] {mode}: plain", file=sys.stderr, flush=True)
         model, plain, plain_in = _calibrate_capturing(cfg, args, batches, device, mode, fast=False)
         del model
@@ -149,7 +153,8 @@ def run(overrides: list[str], modes: list[str], n_batches: int, device: torch.de
         out["modes"][mode] = {
             "amax_compared": len(every), "amax_identical": sum(torch.equal(plain[k], fast[k]) for k in every),
             "only_in_one": len(set(plain) ^ set(fast)),
-            "layers": compare_layers(plain, fast, plain_in, fast_in, model, recompute)}
+            "layers": compare_layers(plain, fast, plain_in, fast_in, model, recompute),
+            "peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
         del model, plain_in, fast_in
         gc.collect()
         if device.type == "cuda":
