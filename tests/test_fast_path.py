@@ -155,6 +155,21 @@ def test_leaving_the_seam_restores_the_model(all_experts):
     assert seen == {"fast": True, "plain": True}
 
 
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_overflowing_activations_name_the_module_on_either_path(use_fast):
+    """modelopt's assertion in the plain path and the fast path's merge both end as a UserError naming a module."""
+    from deepseek_ptq.errors import UserError
+
+    model = Transformer(TINY)
+    init_random_(model, 0)
+    model.eval()
+    model.layers[1].attn_norm.weight.data.fill_(3e38)  # finite weight, but activations overflow to inf
+    with pytest.raises(UserError, match=r"non-finite activations during calibration, first at layers\.1"):
+        calibrate(model, build_quant_config(quant_cfg(PRESETS["nvfp4"]), on_cpu=True), batches(1), False, CPU, False,
+                  fast=use_fast)
+    assert not in_use(model)
+
+
 def _moe(rank: int, world_size: int) -> MoE:
     torch.manual_seed(0)
     moe = MoE(TINY, Parallel(rank=rank, world_size=world_size), fp8=True)
