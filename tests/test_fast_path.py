@@ -1,5 +1,5 @@
-"""The fast calibration path (quant/fast/calib.py, quant/fast/moe.py) computes what the plain path computes:
-on the CPU, bit for bit, with real modelopt on the tiny model. The fixup has its own test (tests/test_fixup.py)."""
+"""The fast calibration path (quant/fast/) computes what the plain path computes: on the CPU, bit for bit, with
+real modelopt on the tiny model. The fixup has its own test (tests/test_fixup.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.random_init import init_random_
 from deepseek_ptq.model.transformer import Transformer
 from deepseek_ptq.quant.calibrate import calibrate
-from deepseek_ptq.quant.fast import calib as fast_calib
+from deepseek_ptq.quant.fast import FastOptions, Grouped, in_use, why_not
 from deepseek_ptq.quant.fast import moe as fast_moe
 from deepseek_ptq.quant.recipes import build_quant_config
 
@@ -35,8 +35,9 @@ def batches(n: int, batch: int = 4, seq: int = 64, seed: int = 1) -> list[torch.
     return [torch.randint(0, TINY.vocab_size, (batch, seq), generator=gen) for _ in range(n)]
 
 
-def calibrated(fast: bool, all_experts: bool, preset: str, data: list[torch.Tensor],
-               device: torch.device = CPU, attn: str | None = None) -> tuple[dict, dict, list[bool]]:
+def calibrated(use_fast: bool, all_experts: bool, preset: str, data: list[torch.Tensor],
+               device: torch.device = CPU, attn: str | None = None,
+               options: FastOptions | None = None) -> tuple[dict, dict, list[bool]]:
     """(amax by quantizer, amax dtypes, whether each batch ran the fast path) of a fresh tiny model."""
     with torch.device(device):
         model = Transformer(TINY)
@@ -44,8 +45,10 @@ def calibrated(fast: bool, all_experts: bool, preset: str, data: list[torch.Tens
     model.eval()
     used: list[bool] = []
     calibrate(model, build_quant_config(quant_cfg(preset, attn), on_cpu=device.type == "cpu"), data, all_experts,
-              device, False, on_batch=lambda _: used.append(model.layers[1].ffn.fast_path is not None), fast=fast)
-    assert all(moe.fast_path is None for _, moe in model.moe_layers())  # detached after calibration
+              device, False, on_batch=lambda _: used.append(in_use(model)), fast=use_fast, fast_options=options)
+    assert not in_use(model)  # detached after calibration
+    if "AWQ" not in preset:  # (modelopt's AWQ leaves forwards of its own bound)
+        assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in model.modules())  # restored
     dtypes = {n: m._amax.dtype for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and hasattr(m, "_amax")}
     return quantizer_amax(model), dtypes, used
 
@@ -68,17 +71,16 @@ def test_fast_path_amax_bit_identical_to_plain(quant, mode):
     assert len(fast[0]) > 300
 
 
-def test_fast_path_identical_with_few_tokens_and_transient_weights(monkeypatch):
+def test_fast_path_identical_with_few_tokens_and_transient_weights():
     """Experts without tokens keep no amax either way; weights dequantized again every batch change nothing."""
-    monkeypatch.setattr(fast_calib, "KEEP_WEIGHTS", False)
+    transient = FastOptions(keep_weights=False)
     few = batches(2, batch=1, seq=3)
     plain = calibrated(False, False, PRESETS["nvfp4"], few)
-    fast = calibrated(True, False, PRESETS["nvfp4"], few)
-    assert_identical(plain, fast)
+    assert_identical(plain, calibrated(True, False, PRESETS["nvfp4"], few, options=transient))
     expert_inputs = [k for k in plain[0] if ".experts." in k and "input" in k]
     assert len(expert_inputs) < 3 * 3 * TINY.n_routed_experts  # some experts saw no token
     assert_identical(calibrated(False, True, PRESETS["fp8"], few),
-                     calibrated(True, True, PRESETS["fp8"], few))
+                     calibrated(True, True, PRESETS["fp8"], few, options=transient))
 
 
 def test_fast_path_identical_with_quantized_attention():
@@ -93,13 +95,13 @@ def test_plain_path_where_the_fast_one_would_not_be_exact():
     seen: list[str | None] = []
 
     def loop(model):
-        seen.append(fast_calib.why_not(model, "max"))
+        seen.append(why_not(model, "max"))
         q = model.layers[1].ffn.experts[0].w2.input_quantizer
         q.axis = 0  # per-channel expert input amax: a segment max per tensor would not be it
-        seen.append(fast_calib.why_not(model, "max"))
+        seen.append(why_not(model, "max"))
         q.axis = None
         model.layers[1].attn.wo.input_quantizer.pre_quant_scale = torch.ones(TINY.n_heads * TINY.v_head_dim)
-        seen.append(fast_calib.why_not(model, "max"))
+        seen.append(why_not(model, "max"))
 
     import modelopt.torch.quantization as mtq
 
@@ -114,6 +116,55 @@ def test_plain_path_where_the_fast_one_would_not_be_exact():
     assert "layers.1.attn.wo" in seen[2] and "transforms its input" in seen[2]
 
 
+@pytest.mark.parametrize("all_experts", [False, True])
+def test_leaving_the_seam_restores_the_model(all_experts):
+    """Entering binds calibration forwards onto instances; leaving gives every module back what it had."""
+    import modelopt.torch.quantization as mtq
+
+    from deepseek_ptq.quant import modules
+    from deepseek_ptq.quant.calibrate import plain_calibration
+    from deepseek_ptq.quant.fast import fast_calibration
+
+    def state(model):
+        return {n: ({k: id(v) for k, v in vars(m).items() if not k.startswith("_")}, len(m._forward_pre_hooks),
+                    len(m._forward_hooks)) for n, m in model.named_modules()}
+
+    seen = {}
+
+    def loop(model):
+        before = state(model)
+        tokens = batches(1, batch=1, seq=8)[0]
+        with fast_calibration(model, all_experts, FastOptions(keep_weights=True)) as fc:
+            assert in_use(model) and state(model) != before
+            model(tokens, logits=False)
+            fc.flush()
+        seen["fast"] = state(model) == before and not in_use(model)
+        with plain_calibration(model, all_experts):
+            model(tokens, logits=False)
+        seen["plain"] = state(model) == before
+
+    modules.register()
+    model = Transformer(TINY)
+    init_random_(model, 0)
+    mtq.quantize(model, build_quant_config(quant_cfg(PRESETS["nvfp4"]), on_cpu=True), loop)
+    assert seen == {"fast": True, "plain": True}
+
+
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_overflowing_activations_name_the_module_on_either_path(use_fast):
+    """modelopt's assertion in the plain path and the fast path's merge both end as a UserError naming a module."""
+    from deepseek_ptq.errors import UserError
+
+    model = Transformer(TINY)
+    init_random_(model, 0)
+    model.eval()
+    model.layers[1].attn_norm.weight.data.fill_(3e38)  # finite weight, but activations overflow to inf
+    with pytest.raises(UserError, match=r"non-finite activations during calibration, first at layers\.1"):
+        calibrate(model, build_quant_config(quant_cfg(PRESETS["nvfp4"]), on_cpu=True), batches(1), False, CPU, False,
+                  fast=use_fast)
+    assert not in_use(model)
+
+
 def _moe(rank: int, world_size: int) -> MoE:
     torch.manual_seed(0)
     moe = MoE(TINY, Parallel(rank=rank, world_size=world_size), fp8=True)
@@ -123,16 +174,16 @@ def _moe(rank: int, world_size: int) -> MoE:
 
 
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (0, 2), (1, 2)])
-def test_routed_forward_matches_the_plain_loop(rank, world_size):
+def test_routed_forward_matches_the_plain_loop(rank, world_size, grouped: Grouped = Grouped()):
     moe = _moe(rank, world_size)
     x = torch.randn(6, TINY.dim).bfloat16()  # 6 tokens x 4 experts of 16: some experts get none
     weights, indices = moe.gate(x)
     counts = torch.bincount(indices.flatten(), minlength=TINY.n_routed_experts)
-    want = moe._routed_loop(x, weights, indices, counts)
+    want = moe.routed(x, weights, indices, counts)
     w13, w2 = fast_moe.stacked_expert_weights(moe)
     n_local = moe.experts_end - moe.experts_start
     stats = fast_moe.ExpertStats.empty(n_local, CPU)
-    got = fast_moe.routed_forward(moe, x, weights, indices, w13, w2, stats)
+    got = fast_moe.routed_forward(moe, x, weights, indices, w13, w2, stats, grouped)
     assert torch.equal(got, want)
     for slot, (e, expert) in enumerate(moe.local_experts()):
         rows = (indices == e).any(dim=1)
@@ -159,10 +210,8 @@ def test_all_token_stats_are_each_experts_max_over_all_tokens():
 
 @pytest.mark.parametrize("layout", ["tokens_m", "weights_m"])
 @pytest.mark.parametrize("pad", [False, True])
-def test_every_grouped_layout_gives_the_plain_output(monkeypatch, layout, pad):
-    monkeypatch.setitem(fast_moe.GROUPED_CPU, "layout", layout)
-    monkeypatch.setitem(fast_moe.GROUPED_CPU, "pad", pad)
-    test_routed_forward_matches_the_plain_loop(0, 2)
+def test_every_grouped_layout_gives_the_plain_output(layout, pad):
+    test_routed_forward_matches_the_plain_loop(0, 2, Grouped(layout, pad))
 
 
 def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
@@ -186,23 +235,22 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @CUDA
 @pytest.mark.parametrize("combine", ["auto", "torch"])
 @pytest.mark.parametrize("mode", ["topk", "all_experts"])
-def test_gpu_fast_path_close_to_plain(monkeypatch, mode, combine):
+def test_gpu_fast_path_close_to_plain(mode, combine):
     """On a GPU the grouped GEMM may round an expert's output differently from one cuBLAS call per expert (1 bf16
     ulp), and the next layers see slightly different inputs. What precedes the first grouped GEMM must be
     identical: every weight amax, the layers before the first MoE layer, that layer's w1/w3 inputs. In all-experts
     mode the w2 inputs of that layer come from the plain path's own GEMM calls: identical too. Later amax: within
     5% in all-experts mode; in top-k mode a token whose routing flips can move an expert's max further, so there
     only most of them must agree within 5%."""
-    monkeypatch.setattr(fast_moe, "COMBINE", combine)
     dev = torch.device("cuda")
     data = batches(3, batch=8, seq=128)
     plain = calibrated(False, mode == "all_experts", PRESETS["nvfp4"], data, dev)
-    fast = calibrated(True, mode == "all_experts", PRESETS["nvfp4"], data, dev)
-    assert fast[2] == [True] * 3 and plain[0].keys() == fast[0].keys()
+    fastest = calibrated(True, mode == "all_experts", PRESETS["nvfp4"], data, dev, options=FastOptions(combine=combine))
+    assert fastest[2] == [True] * 3 and plain[0].keys() == fastest[0].keys()
     first_moe = TINY.n_dense_layers
     gaps = {}
     for key, a in plain[0].items():
-        b = fast[0][key]
+        b = fastest[0][key]
         layer = int(key.split(".")[1]) if key.startswith("layers.") else -1
         expert_w2_input = ".experts." in key and ".w2.input_quantizer" in key
         must_match = "weight_quantizer" in key or layer < first_moe or (
@@ -236,18 +284,16 @@ def test_gpu_moe_combine_bit_identical_to_torch_ops():
 @CUDA
 @pytest.mark.parametrize("layout", ["tokens_m"])  # weights_m: CUDA torch 2.11 needs group sizes in multiples of 8
 @pytest.mark.parametrize("pad", [False, True])
-def test_gpu_every_grouped_layout_close_to_the_plain_loop(monkeypatch, layout, pad):
+def test_gpu_every_grouped_layout_close_to_the_plain_loop(layout, pad):
     """The grouped GEMM may round differently from one cuBLAS call per expert: 1 bf16 ulp (2^-8) per output."""
-    monkeypatch.setitem(fast_moe.GROUPED_GPU, "layout", layout)
-    monkeypatch.setitem(fast_moe.GROUPED_GPU, "pad", pad)
     moe = _moe(0, 2).cuda()
     x = torch.randn(512, TINY.dim, device="cuda").bfloat16()
     weights, indices = moe.gate(x)
     counts = torch.bincount(indices.flatten(), minlength=TINY.n_routed_experts)
-    want = moe._routed_loop(x, weights, indices, counts).float()
+    want = moe.routed(x, weights, indices, counts).float()
     w13, w2 = fast_moe.stacked_expert_weights(moe)
     stats = fast_moe.ExpertStats.empty(moe.experts_end - moe.experts_start, x.device)
-    got = fast_moe.routed_forward(moe, x, weights, indices, w13, w2, stats).float()
+    got = fast_moe.routed_forward(moe, x, weights, indices, w13, w2, stats, Grouped(layout, pad)).float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
     for slot, (e, expert) in enumerate(moe.local_experts()):
         rows = (indices == e).any(dim=1)

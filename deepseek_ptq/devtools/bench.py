@@ -15,6 +15,7 @@ rate) and (every FP8 weight read once, over the copy bandwidth). Prints a table;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -181,11 +182,12 @@ def quantizer_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, TensorQuantizer) and getattr(m, "_amax", None) is not None}
 
 
-def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
-                    profile_path: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int, profile_path: str | None = None,
+                    fast_options: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One fresh model, calibrated on 1 warm-up + ``n_batches`` batches; returns (figures, amax by quantizer).
 
     ``profile_path``: write torch.profiler's table of the second timed batch there (needs 2 timed batches).
+    ``fast_options``: the fast path's quant.fast.FastOptions (None: its defaults).
     """
     from deepseek_ptq.model.load import build_model, checkpoint_dir
     from deepseek_ptq.model.parallel import Parallel
@@ -227,7 +229,7 @@ def run_calibration(setup: Setup, mode: str, fast: bool, n_batches: int,
         t1 = time.perf_counter()
         count = 1 + n_batches + (1 if profile_path else 0)
         calibrate(model, mtq_cfg, setup.batches[:count], mode == "all_experts", device, False, on_batch=on_batch,
-                  fast=fast)
+                  fast=fast, fast_options=fast_options)
         t_end = time.perf_counter()
         per_batch = [b - a for a, b in zip(stamps, stamps[1:])]
         report = fixup(model, Parallel(), sync_experts=mode == "topk", device=device)
@@ -278,8 +280,9 @@ def compare_amax(plain: dict[str, torch.Tensor], fast: dict[str, torch.Tensor]) 
     return groups
 
 
-def check_combine(device: torch.device) -> dict[str, Any]:
-    """The Triton combine against the torch ops at the slice's shapes, and which one the fast path uses."""
+def check_combine(device: torch.device, combine: str = "auto") -> dict[str, Any]:
+    """The Triton combine against the torch ops at the slice's shapes, and which one the fast path uses
+    (``combine``: FastOptions.combine)."""
     from deepseek_ptq.quant.fast import moe as fast_moe
 
     gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -299,8 +302,7 @@ def check_combine(device: torch.device) -> dict[str, Any]:
         result["torch_us"] = median_seconds(lambda: fast_moe.moe_combine_torch(out, pos, weights), device) * 1e6
     except Exception as err:
         result["error"] = repr(err)[:300]
-    result["used"] = "triton" if fast_moe.COMBINE == "triton" or (
-        fast_moe.COMBINE == "auto" and fast_moe.triton_combine_is_exact(device)) else "torch"
+    result["used"] = "triton" if fast_moe.uses_triton_combine(device, combine) else "torch"
     return result
 
 
@@ -541,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
     parser.add_argument("--grouped", default="default",
-                        help="grouped-GEMM layout on the GPU: default (fast_moe's), auto (the fastest measured), "
+                        help="grouped-GEMM layout on the GPU: default (FastOptions'), auto (the fastest measured), "
                              "skip (no measurement), or LAYOUT[,pad] (tokens_m, weights_m)")
     parser.add_argument("--profile-dir", default=None,
                         help="write torch.profiler's table of one extra batch of each mode's fast run here")
@@ -579,23 +581,24 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
     results["ceilings"] = measure_ceilings(device)
     results["dequant"] = measure_dequant(device, results["ceilings"]["copy_GBps"])
     save()
+    from deepseek_ptq.quant.fast import FastOptions, Grouped
+
+    fast_options = FastOptions()
     if device.type == "cuda":
-        results["combine_check"] = check_combine(device)
+        results["combine_check"] = check_combine(device, fast_options.combine)
         save()
     if device.type == "cuda" and grouped != "skip":
-        from deepseek_ptq.quant.fast import moe as fast_moe
-
         results["grouped"] = bench_grouped(device, args, batches[0].numel())
         gc.collect()
         torch.cuda.empty_cache()
         timed = [v for v in results["grouped"]["variants"] if "total_us" in v]
         if grouped == "auto" and timed:
             best = min(timed, key=lambda v: v["total_us"])
-            fast_moe.GROUPED_GPU.update(layout=best["layout"], pad=best["pad"])
+            fast_options = dataclasses.replace(fast_options, grouped_gpu=Grouped(best["layout"], best["pad"]))
         elif grouped not in ("auto", "default"):
             layout, _, pad = grouped.partition(",")
-            fast_moe.GROUPED_GPU.update(layout=layout, pad=pad == "pad")
-        results["grouped"]["used"] = dict(fast_moe.GROUPED_GPU)
+            fast_options = dataclasses.replace(fast_options, grouped_gpu=Grouped(layout, pad == "pad"))
+        results["grouped"]["used"] = dataclasses.asdict(fast_options.grouped_gpu)
         save()
     batch, seq = batches[0].shape
     flops = calib_flops(args, batch, seq)
@@ -609,7 +612,7 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
             print(f"[bench] {mode} {'fast' if fast else 'plain'} x{count}", file=sys.stderr, flush=True)
             profile = os.path.join(profile_dir, f"profile_{mode}_{'fast' if fast else 'plain'}.txt") \
                 if profile_dir and count >= 1 and (fast, count) == runs[0] else None
-            result, amax[(fast, count)] = run_calibration(setup, mode, fast, count, profile)
+            result, amax[(fast, count)] = run_calibration(setup, mode, fast, count, profile, fast_options)
             result.update(floor_seconds(flops[mode], result["fp8_weight_bytes"], results["ceilings"]))
             if result["s_per_batch"]:
                 result["ratio"] = result["s_per_batch"] / result["floor_s"]

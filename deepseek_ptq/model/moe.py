@@ -67,12 +67,7 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (this rank's slice) plus shared experts.
-
-    ``route_all_tokens_for_stats`` is the all-experts calibration mode: every local expert first sees
-    every token (its output discarded) so its quantizers see the whole distribution; the layer output
-    then comes from the ordinary top-k path, bit-identical to top-k calibration.
-    """
+    """Routed experts (this rank's slice) plus shared experts."""
 
     def __init__(self, args: ModelArgs, par: Parallel, fp8: bool) -> None:
         super().__init__()
@@ -86,9 +81,6 @@ class MoE(nn.Module):
             for i in range(args.n_routed_experts)
         ])
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, par, fp8)
-        self.route_all_tokens_for_stats = False
-        # Set while calibration runs (quant/fast_calib.py): grouped GEMMs with the same statistics and output.
-        self.fast_path = None
         # Routed-token counts of every expert (the gate is replicated, so every rank knows all of them).
         self.register_buffer("token_counts", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
 
@@ -103,20 +95,14 @@ class MoE(nn.Module):
         flat = indices.flatten()
         counts = torch.zeros_like(self.token_counts).scatter_add_(0, flat, torch.ones_like(flat))
         self.token_counts += counts
-        if self.fast_path is not None:
-            y = self.fast_path(self, x, weights, indices)
-        else:
-            y = self._routed_loop(x, weights, indices, counts)
+        y = self.routed(x, weights, indices, counts)
         z = self.shared_experts(x)
         self.par.all_reduce(y)
         return (y + z).view(shape)
 
-    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                     counts: torch.Tensor) -> torch.Tensor:
-        """The plain path: one call per local expert (all tokens first, in all-experts mode)."""
-        if self.route_all_tokens_for_stats:
-            for _, expert in self.local_experts():
-                expert(x)
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               counts: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the routed experts' output (before the all-reduce): one call per local expert."""
         y = torch.zeros_like(x)
         local_counts = counts[self.experts_start:self.experts_end].tolist()
         for (i, expert), n in zip(self.local_experts(), local_counts):

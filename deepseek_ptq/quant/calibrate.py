@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +15,11 @@ from tqdm import tqdm
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Linear
+from deepseek_ptq.quant.binding import Bindings
+from deepseek_ptq.quant.nonfinite import NonFiniteActivations, guard_quantizers
+
+if TYPE_CHECKING:
+    from deepseek_ptq.quant.fast import FastOptions
 
 log = logging.getLogger(__name__)
 # modelopt imports its Hugging Face export code lazily and warns that transformers is missing: this
@@ -64,9 +70,34 @@ def _stop_statistics(model: nn.Module) -> None:
             module.disable_calib()
 
 
-def set_all_experts_mode(model: nn.Module, on: bool) -> None:
-    for _, moe in model.moe_layers():
-        moe.route_all_tokens_for_stats = on
+class PlainCalibration:
+    """The plain path: modelopt's quantizers collect in every call; nothing to flush."""
+
+    def flush(self) -> None:
+        pass
+
+
+def _all_tokens_to_every_expert(moe: nn.Module, args: tuple) -> None:
+    x = args[0]
+    x = x.reshape(-1, x.shape[-1])
+    for _, expert in moe.local_experts():
+        expert(x)  # output discarded: the quantizers see the whole distribution
+
+
+@contextlib.contextmanager
+def plain_calibration(model: nn.Module, all_experts: bool) -> Iterator[PlainCalibration]:
+    """The plain path for the block. ``all_experts``: before each MoE layer's forward every local expert sees
+    every token (its output discarded), so its quantizers see the whole distribution; the layer output then
+    comes from the ordinary top-k path, bit-identical to top-k calibration. (The gate has no quantizer and
+    max statistics do not depend on the order of the calls.)"""
+    bindings = Bindings()
+    try:
+        if all_experts:
+            for _, moe in model.moe_layers():
+                bindings.hook(moe.register_forward_pre_hook(_all_tokens_to_every_expert))
+        yield PlainCalibration()
+    finally:
+        bindings.restore()
 
 
 def reset_token_counts(model: nn.Module) -> None:
@@ -83,20 +114,26 @@ def materialize_dequantized_weights(model: nn.Module) -> None:
             module.scale = None
 
 
+def _non_finite_error(where: str) -> UserError:
+    return UserError(f"non-finite activations during calibration, first at {where}",
+                     fix="check the checkpoint and the compute dtype (model activations overflow)")
+
+
 def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Tensor], all_experts: bool,
               device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None,
-              fast: bool = True) -> float:
+              fast: bool = True, fast_options: FastOptions | None = None) -> float:
     """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
 
-    ``fast``: the grouped-GEMM path of quant/fast_calib.py where the format allows it (same amax as the plain
-    path, one modelopt call per expert, which ``fast=False`` forces).
+    ``fast``: the grouped-GEMM path of quant/fast/ where the format allows it (same amax as the plain
+    path, one modelopt call per expert, which ``fast=False`` forces); ``fast_options``: its
+    ``quant.fast.FastOptions`` (None: the defaults).
 
     ``on_batch(i)`` runs after batch i has finished on the device (benchmarks time batches with it).
     """
     import modelopt.torch.quantization as mtq
 
     from deepseek_ptq.quant import modules
-    from deepseek_ptq.quant.fast import calib as fast_calib
+    from deepseek_ptq.quant.fast import fast_calibration, why_not
     from deepseek_ptq.quant.recipes import algorithm_method
 
     modules.register()
@@ -105,41 +142,40 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         log.info("algorithm %s reads weights directly: dequantizing FP8 weights in place", algorithm_method(mtq_cfg))
         materialize_dequantized_weights(model)
 
+    def calibration_path(m: nn.Module) -> contextlib.AbstractContextManager:
+        if fast:
+            reason = why_not(m, algorithm_method(mtq_cfg))
+            if reason is None:
+                return fast_calibration(m, all_experts, fast_options)
+            log.info("plain calibration path: %s", reason)
+        return plain_calibration(m, all_experts)
+
     def forward_loop(m: nn.Module) -> None:
         # Some algorithms (AWQ) run the loop more than once: the counts describe one pass over the data.
         reset_token_counts(m)
-        set_all_experts_mode(m, all_experts)
-        fast_path = None
-        if fast:
-            reason = fast_calib.why_not(m, algorithm_method(mtq_cfg))
-            if reason is None:
-                fast_path = fast_calib.FastCalibration(m, all_experts)
-            else:
-                log.info("plain calibration path: %s", reason)
-        try:
+        bad_batch = None
+        with guard_quantizers(m), calibration_path(m) as path:
             for i, tokens in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
                 tokens = tokens.to(device)
                 try:
                     finite = bool(torch.isfinite(m(tokens, logits=False)).all())
-                except (RuntimeError, AssertionError) as err:
-                    if "nan" not in str(err).lower():
-                        raise
-                    finite = False  # modelopt's calibrator refused a NaN amax: name the module below
+                except NonFiniteActivations:
+                    finite = False  # a quantizer refused a non-finite input: name the module below
                 if not finite:
-                    if fast_path is not None:
-                        fast_path.stop()  # the hunt for the module runs the plain path, one call per expert
-                    set_all_experts_mode(m, False)
-                    _stop_statistics(m)
-                    raise UserError(f"non-finite activations during calibration, first at {first_non_finite_module(m, tokens)}",
-                                    fix="check the checkpoint and the compute dtype (model activations overflow)")
+                    bad_batch = tokens
+                    break
                 if on_batch is not None:
                     on_batch(i)
-            if fast_path is not None:
-                fast_path.flush()
-        finally:
-            if fast_path is not None:
-                fast_path.stop()
-            set_all_experts_mode(m, False)
+            else:
+                try:
+                    path.flush()
+                except NonFiniteActivations as err:
+                    _stop_statistics(m)
+                    raise _non_finite_error(err.where or "(unknown)") from None
+        if bad_batch is not None:
+            # Outside the block: the hunt runs the plain top-k path, one call per expert, statistics stopped.
+            _stop_statistics(m)
+            raise _non_finite_error(first_non_finite_module(m, bad_batch))
 
     start = time.perf_counter()
     mtq.quantize(model, mtq_cfg, forward_loop)

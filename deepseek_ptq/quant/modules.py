@@ -23,13 +23,6 @@ _NO_GROUP = -1
 class _QuantLinearMixin:
     """Quantizers around a DeepSeek Linear; the all-reduce of a row-parallel layer stays after the GEMM."""
 
-    # Set by the fast calibration path (quant/fast_calib.py) while max calibration runs: the dequantized
-    # weight kept on the device, "the weight quantizer has already seen this weight" (skip the call), and
-    # the input quantizer's running max kept on the device (no host sync per call; merged at the end).
-    _calib_weight: torch.Tensor | None = None
-    _weight_observed: bool = False
-    _input_max = None
-
     def _setup(self) -> None:
         self.input_quantizer = TensorQuantizer()
         self.weight_quantizer = TensorQuantizer()
@@ -44,14 +37,11 @@ class _QuantLinearMixin:
         yield self.dequantized_weight(), self.weight_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._calib_weight if self._calib_weight is not None else self.dequantized_weight()
-        if not self._weight_observed:
-            w = self.weight_quantizer(w)
-        if self._input_max is not None:
-            self._input_max.update(x)
-        else:
-            x = self.input_quantizer(x)
-        y = F.linear(x, w)
+        w = self.weight_quantizer(self.dequantized_weight())
+        return self.finish(F.linear(self.input_quantizer(x), w))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """What follows the GEMM: the all-reduce of a row-parallel layer, then the bias."""
         if self.kind == "row":
             self.par.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -1,10 +1,12 @@
 """The fast calibration path: on by default wherever it computes exactly what the plain path computes.
 
-While modelopt's max calibration runs the forward passes, every MoE layer runs ``FastMoE`` (grouped GEMMs,
-per-expert amax by segment max: quant/fast_moe.py) and the other quantized linears use a dequantized weight
-kept on the device and skip their weight quantizer, which has nothing left to observe (modelopt's weight-only
-pass saw every weight before the first batch; a running max of the same tensor again changes nothing).
-At the end the expert statistics go into modelopt's calibrators, which then finish as usual.
+``with fast_calibration(model, all_experts, options) as fc: <forward passes>; fc.flush()``: while the block
+runs, every MoE layer's ``routed`` is ``FastMoE`` (grouped GEMMs, per-expert amax by segment max:
+quant/fast/moe.py) and the other quantized linears run a forward that uses a dequantized weight kept on the
+device and skips their weight quantizer, which has nothing left to observe (modelopt's weight-only pass saw
+every weight before the first batch; a running max of the same tensor again changes nothing). Both are bound
+onto the instances for the block only: leaving it gives the model back exactly as it was (the model classes
+carry no calibration state). ``flush`` puts the statistics into modelopt's calibrators, which then finish as usual.
 
 It stands aside (the plain path runs) where it would not be exact: an algorithm other than max (AWQ and the
 like patch module forwards), or a quantizer that changes its input or keeps anything but a running max during
@@ -14,24 +16,24 @@ expert input quantizer whose amax is not one per tensor. ``calib.fast=false`` fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from modelopt.torch.quantization.calib import MaxCalibrator
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
+from deepseek_ptq.quant.binding import Bindings
 from deepseek_ptq.quant.fast.moe import FastMoE, stacked_bytes
+from deepseek_ptq.quant.fast.options import FastOptions
 from deepseek_ptq.quant.fast.running_max import RunningMax, merge_into_calibrators
 from deepseek_ptq.quant.modules import quantized_linears
 
 log = logging.getLogger(__name__)
-
-# Device memory left free for activations when deciding what dequantized weights to keep.
-RESERVE_BYTES = 12 << 30
-# None: keep dequantized weights where they fit; tests set True/False to exercise both ways.
-KEEP_WEIGHTS: bool | None = None
 
 
 def _collects(q: TensorQuantizer) -> bool:
@@ -76,37 +78,58 @@ def why_not(model: nn.Module, method: str) -> str | None:
     return None
 
 
-def _free_bytes(device: torch.device) -> int:
+def _free_bytes(device: torch.device, reserve: int) -> int:
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] - RESERVE_BYTES
+        return torch.cuda.mem_get_info(device)[0] - reserve
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError):
         return 0
 
 
-class FastCalibration:
-    """Attach the fast path to a quantized model for one pass over the calibration data (see module doc)."""
+def _calibration_forward(module, weight: torch.Tensor | None, input_max: RunningMax | None):
+    """A quantized linear's forward while the fast path runs (its weight quantizer has seen the weight)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w = weight if weight is not None else module.dequantized_weight()
+        if input_max is not None:
+            input_max.update(x)  # no host sync per call: merged into the calibrator by ``flush``
+        else:
+            x = module.input_quantizer(x)  # per-channel or static blocks: its own call collects
+        return module.finish(F.linear(x, w))
+    return forward
 
-    def __init__(self, model: nn.Module, all_experts: bool) -> None:
+
+class FastCalibration:
+    """The fast path bound onto a quantized model for one pass over the calibration data (see module doc).
+
+    Construct it through ``fast_calibration``, which also takes it off again."""
+
+    def __init__(self, model: nn.Module, all_experts: bool, options: FastOptions | None = None) -> None:
+        options = options or FastOptions()
         self.model = model
-        self.linears = [m for _, m in quantized_linears(model) if m.kind != "expert"]
-        self.moes = [moe for _, moe in model.moe_layers()]
-        self.budget = _free_bytes(next(model.parameters()).device)
+        self.bindings = Bindings()
+        self.budget = _free_bytes(next(model.parameters()).device, options.reserve_bytes)
         self._observe_weights_once()
-        for module in self.linears:
+        self.input_max: list[tuple[str, nn.Module, RunningMax]] = []
+        linears = [(n, m) for n, m in quantized_linears(model) if m.kind != "expert"]
+        for name, module in linears:
+            weight = None
             if module.scale is not None and self._take(module.weight.numel() * 2):
-                module._calib_weight = module.dequantized_weight()
-            module._weight_observed = True
+                weight = module.dequantized_weight()
             q = module.input_quantizer
-            if not _collects(q) or _per_tensor(q):  # else its own call collects (per-channel or static blocks)
-                module._input_max = RunningMax(module.weight.device)
-        for moe in self.moes:
-            keep = KEEP_WEIGHTS if KEEP_WEIGHTS is not None else self._take(stacked_bytes(moe))
-            moe.fast_path = FastMoE(moe, all_experts, keep_weights=keep)
-        kept = sum(moe.fast_path.keep_weights for moe in self.moes)
+            input_max = None
+            if not _collects(q) or _per_tensor(q):
+                input_max = RunningMax(module.weight.device)
+                self.input_max.append((f"{name}.input_quantizer", module, input_max))
+            self.bindings.bind(module, "forward", _calibration_forward(module, weight, input_max))
+        self.moes: list[FastMoE] = []
+        for i, moe in model.moe_layers():
+            keep = options.keep_weights if options.keep_weights is not None else self._take(stacked_bytes(moe))
+            fast = FastMoE(moe, all_experts, keep_weights=keep, options=options, name=f"layers.{i}.ffn")
+            self.bindings.bind(moe, "routed", fast)
+            self.moes.append(fast)
         log.info("fast calibration path: %d MoE layers (%d keep dequantized experts), %d other linears",
-                 len(self.moes), kept, len(self.linears))
+                 len(self.moes), sum(f.keep_weights for f in self.moes), len(linears))
 
     def _take(self, nbytes: int) -> bool:
         if nbytes > self.budget:
@@ -123,22 +146,38 @@ class FastCalibration:
                 q(module.dequantized_weight())
 
     def flush(self) -> None:
-        """Merge the expert statistics into modelopt's calibrators (once, after the last batch)."""
-        for moe in self.moes:
-            moe.fast_path.flush()
-        seen = [m for m in self.linears if m._input_max is not None and m._input_max.dtype is not None]
-        for dtype in {m._input_max.dtype for m in seen}:
-            group = [m for m in seen if m._input_max.dtype == dtype]
-            merge_into_calibrators([[m.input_quantizer] for m in group],
-                                   torch.stack([m._input_max.value for m in group]), dtype)
+        """Merge the statistics into modelopt's calibrators (once, after the last batch).
+
+        Raises quant.nonfinite.NonFiniteActivations naming the first quantizer whose statistic is not finite."""
+        for fast in self.moes:
+            fast.flush()
+        seen = [entry for entry in self.input_max if entry[2].dtype is not None]
+        for dtype in {r.dtype for _, _, r in seen}:
+            group = [entry for entry in seen if entry[2].dtype == dtype]
+            merge_into_calibrators([[m.input_quantizer] for _, m, _ in group],
+                                   torch.stack([r.value for _, _, r in group]), dtype, [n for n, _, _ in group])
 
     def stop(self) -> None:
-        """Detach everything: the model runs its plain path again (evaluation, export, a NaN hunt)."""
-        for moe in self.moes:
-            if moe.fast_path is not None:
-                moe.fast_path.release()
-            moe.fast_path = None
-        for module in self.linears:
-            module._calib_weight = None
-            module._weight_observed = False
-            module._input_max = None
+        """Take everything off: the model runs its plain path again (evaluation, export, a NaN hunt)."""
+        for fast in self.moes:
+            fast.release()
+        self.bindings.restore()
+
+
+@contextlib.contextmanager
+def fast_calibration(model: nn.Module, all_experts: bool,
+                     options: FastOptions | None = None) -> Iterator[FastCalibration]:
+    """The fast path on ``model`` for the block (check ``why_not`` first); the model is restored on leaving.
+
+    ``all_experts``: every local expert's quantizers also see every token (the layer output stays top-k's).
+    Call ``flush()`` after the last batch, inside the block, to hand the statistics to modelopt."""
+    fc = FastCalibration(model, all_experts, options)
+    try:
+        yield fc
+    finally:
+        fc.stop()
+
+
+def in_use(model: nn.Module) -> bool:
+    """Whether the fast path is bound onto ``model`` now."""
+    return any(isinstance(m.__dict__.get("routed"), FastMoE) for m in model.modules())

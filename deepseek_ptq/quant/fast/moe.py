@@ -2,7 +2,7 @@
 
 During max calibration every modelopt quantizer only observes: it returns its input unchanged and keeps a
 running max of |input|. Weights do not change, and modelopt's weight-only pass has seen each one already, so
-the plain path's statistics (model/moe.py: one call per expert, every quantizer collecting) come out the same
+the plain path's statistics (model/moe.py ``MoE.routed``: one call per expert, every quantizer collecting) come out the same
 from far less work:
   * expert weights: nothing more to do (a running max of the same tensor again is a no-op);
   * w1/w3 inputs: max |x| over each expert's routed tokens; w2 inputs: max |h| of its SwiGLU intermediate.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Linear
+from deepseek_ptq.quant.fast.options import FastOptions, Grouped
 from deepseek_ptq.quant.fast.running_max import NOTHING_SEEN, merge_into_calibrators
 
 
@@ -86,13 +87,17 @@ class ExpertStats:
             return torch.full((n_local + 1,), NOTHING_SEEN, dtype=torch.float32, device=device)
         return cls(make(), make())
 
-    def flush(self, moe: MoE, dtype: torch.dtype) -> None:
-        """Merge into each local expert's input calibrators (``dtype``: the inputs' dtype), then start afresh."""
+    def flush(self, moe: MoE, dtype: torch.dtype, name: str = "") -> None:
+        """Merge into each local expert's input calibrators (``dtype``: the inputs' dtype), then start afresh.
+
+        ``name``: the layer's module name, for the report of a non-finite statistic."""
         n_local = moe.experts_end - moe.experts_start
         experts = [expert for _, expert in moe.local_experts()]
         targets = ([[e.w1.input_quantizer, e.w3.input_quantizer] for e in experts]
                    + [[e.w2.input_quantizer] for e in experts])
-        merge_into_calibrators(targets, torch.cat([self.w13[:n_local], self.w2[:n_local]]), dtype)
+        names = ([f"{name}.experts.{i}.w1.input_quantizer" for i, _ in moe.local_experts()]
+                 + [f"{name}.experts.{i}.w2.input_quantizer" for i, _ in moe.local_experts()])
+        merge_into_calibrators(targets, torch.cat([self.w13[:n_local], self.w2[:n_local]]), dtype, names)
         self.w13.fill_(NOTHING_SEEN)
         self.w2.fill_(NOTHING_SEEN)
 
@@ -119,11 +124,6 @@ def _triton_combine():
     return triton_kernels.moe_combine
 
 
-# "auto": the Triton kernel on a GPU where a check on random data finds it bit-identical to the torch ops
-# (once per device), else the torch ops; "triton" / "torch" force one.
-COMBINE = "auto"
-
-
 @functools.cache
 def triton_combine_is_exact(device: torch.device) -> bool:
     """The Triton combine against the torch ops on fresh random data on ``device`` (a few milliseconds, once)."""
@@ -141,10 +141,15 @@ def triton_combine_is_exact(device: torch.device) -> bool:
         return False
 
 
-def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The combine in one Triton kernel on a GPU (one read of the expert outputs), else the torch ops."""
-    use_kernel = out.is_cuda and out.dtype == torch.bfloat16 and (
-        COMBINE == "triton" or (COMBINE == "auto" and triton_combine_is_exact(out.device)))
+def uses_triton_combine(device: torch.device, combine: str) -> bool:
+    """Whether ``moe_combine(..., combine)`` runs the Triton kernel for bf16 outputs on ``device``."""
+    return device.type == "cuda" and (combine == "triton" or (combine == "auto" and triton_combine_is_exact(device)))
+
+
+def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, combine: str = "auto") -> torch.Tensor:
+    """The combine in one Triton kernel on a GPU (one read of the expert outputs), else the torch ops
+    (``combine``: FastOptions.combine)."""
+    use_kernel = out.dtype == torch.bfloat16 and uses_triton_combine(out.device, combine)
     return _triton_combine()(out, pos, weights) if use_kernel else moe_combine_torch(out, pos, weights)
 
 
@@ -153,30 +158,22 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, float("inf"), dim=-1)
 
 
-# How the grouped GEMMs are laid out (benchmarks/NOTES.md has the measurements):
-#   "tokens_m": tokens are the GEMM's rows (2-D x 3-D); "weights_m": each expert's weight rows are the GEMM's rows
-#   and its tokens the columns (3-D x 2-D, transposed result; on CUDA torch 2.11 requires every group's token
-#   count to be a multiple of 8, which routing does not give: CPU only). pad: more rows than routings, so that
-#   torch's heuristic (average group size above 128) picks its large tile. The CPU keeps "tokens_m" without
-#   padding: there torch runs one mm per group, bit-identical to one F.linear per expert.
-GROUPED_GPU = {"layout": "tokens_m", "pad": False}
-GROUPED_CPU = {"layout": "tokens_m", "pad": False}
-
-
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rows [ends[g-1], ends[g]) of x times w[g]^T (rows past ends[-1] are left unwritten): [rows, out]."""
+    """Rows [ends[g-1], ends[g]) of x times w[g]^T (rows past ends[-1] are left unwritten): [rows, out].
+
+    ``layout``: Grouped.layout (quant/fast/options.py)."""
     if layout == "weights_m":
         return torch._grouped_mm(w, x.t(), offs=ends).t()
     return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
 
 
 def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                   w13: torch.Tensor, w2: torch.Tensor, stats: ExpertStats | None) -> torch.Tensor:
-    """This rank's part of the routed experts' output (before the all-reduce), as the plain loop computes it."""
+                   w13: torch.Tensor, w2: torch.Tensor, stats: ExpertStats | None,
+                   grouped: Grouped = Grouped(), combine: str = "auto") -> torch.Tensor:
+    """This rank's part of the routed experts' output (before the all-reduce), as ``MoE.routed`` computes it."""
     num_tokens, topk = indices.shape
     n_local = moe.experts_end - moe.experts_start
     inter = w2.shape[-1]
-    grouped = GROUPED_GPU if x.is_cuda else GROUPED_CPU
     # Each token's slots in ascending expert order: the order in which the plain path adds them up.
     indices, slot_order = indices.sort(dim=1)
     weights = weights.gather(1, slot_order)
@@ -188,13 +185,13 @@ def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: to
     sizes = torch.zeros(n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(0, segment, torch.ones_like(segment))
     ends = sizes[:n_local].cumsum(0).to(torch.int32)
     rows = order.numel()
-    padded = max(rows, n_local * 129) if grouped["pad"] else rows
+    padded = max(rows, n_local * 129) if grouped.pad else rows
     xs = x.new_empty(padded, x.shape[1])
     torch.index_select(x, 0, order // topk, out=xs[:rows])
-    a = grouped_linear(xs, w13, ends, grouped["layout"])
+    a = grouped_linear(xs, w13, ends, grouped.layout)
     h = x.new_empty(padded, inter)
     torch.mul(F.silu(a[:rows, :inter]), a[:rows, inter:], out=h[:rows])
-    out = grouped_linear(h, w2, ends, grouped["layout"])[:rows]
+    out = grouped_linear(h, w2, ends, grouped.layout)[:rows]
     if out.stride(-1) != 1:
         out = out.contiguous()
     sorted_segment = segment.index_select(0, order)
@@ -206,7 +203,7 @@ def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: to
     pos = torch.empty_like(order).index_copy_(0, order, torch.arange(rows, device=x.device))
     if n_local < moe.n_routed_experts:
         pos = torch.where(local, pos, -1)
-    return moe_combine(out, pos.view(num_tokens, topk), weights)
+    return moe_combine(out, pos.view(num_tokens, topk), weights, combine)
 
 
 def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> None:
@@ -228,10 +225,12 @@ def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> N
 
 
 class FastMoE:
-    """The calibration forward of one MoE layer, attached as ``moe.fast_path`` while calibration runs."""
+    """The calibration version of one MoE layer's ``routed``, bound onto the instance while calibration runs."""
 
-    def __init__(self, moe: MoE, all_experts: bool, keep_weights: bool) -> None:
-        self.moe, self.all_experts, self.keep_weights = moe, all_experts, keep_weights
+    def __init__(self, moe: MoE, all_experts: bool, keep_weights: bool, options: FastOptions, name: str = "") -> None:
+        self.moe, self.all_experts, self.keep_weights, self.name = moe, all_experts, keep_weights, name
+        self.grouped = options.grouped(moe.token_counts.is_cuda)
+        self.combine = options.combine
         self.stats = ExpertStats.empty(moe.experts_end - moe.experts_start, moe.token_counts.device)
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dtype: torch.dtype | None = None
@@ -244,16 +243,18 @@ class FastMoE:
             self._weights = stacked
         return stacked
 
-    def __call__(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 counts: torch.Tensor) -> torch.Tensor:
+        """``MoE.routed``'s signature and output; the expert statistics go into ``self.stats``."""
         self.dtype = x.dtype
         w13, w2 = self.weights()
         if self.all_experts:
             all_token_stats(x, w13, self.stats)
-        return routed_forward(moe, x, weights, indices, w13, w2, self.stats)
+        return routed_forward(self.moe, x, weights, indices, w13, w2, self.stats, self.grouped, self.combine)
 
     def flush(self) -> None:
         if self.dtype is not None:
-            self.stats.flush(self.moe, self.dtype)
+            self.stats.flush(self.moe, self.dtype, self.name)
 
     def release(self) -> None:
         self._weights = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from deepseek_ptq.quant.nonfinite import NonFiniteActivations
+
 NOTHING_SEEN = float("-inf")
 
 
@@ -27,15 +29,19 @@ class RunningMax:
         torch.maximum(self.value, torch.linalg.vector_norm(x, float("inf")).float(), out=self.value)
 
 
-def merge_into_calibrators(targets: list[list], values: torch.Tensor, dtype: torch.dtype) -> None:
+def merge_into_calibrators(targets: list[list], values: torch.Tensor, dtype: torch.dtype,
+                           names: list[str] | None = None) -> None:
     """Give every quantizer in ``targets[i]`` the state ``collect`` of inputs with max |x| = ``values[i]`` gives.
 
     ``values`` is float32 on the device, -inf where nothing was seen (those calibrators are left alone, as
     the plain path leaves the calibrator of an expert without tokens). One host sync for all of them.
+    A NaN or inf raises ``NonFiniteActivations`` naming the first such target (``names[i]``, when given).
     """
     host = values.cpu()
-    if torch.isnan(host).any() or (host == float("inf")).any():
-        raise AssertionError("detected nan or inf values in amax: non-finite activations during calibration")
+    bad = torch.isnan(host) | (host == float("inf"))
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        raise NonFiniteActivations(names[first] if names else None)
     on_device = values.to(dtype)
     for i, quantizers in enumerate(targets):
         if host[i] == NOTHING_SEEN:
