@@ -26,10 +26,9 @@ from safetensors.torch import save_file
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.checkpoint import load_shard, shard_name
+from deepseek_ptq.model.checkpoint import load_shard, release_state, shard_name
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import MoE
-from deepseek_ptq.model.release import release_state
 from deepseek_ptq.model.transformer import Transformer
 from deepseek_ptq.pipeline.data import ByteTokenizer, default_corpus, is_heldout, read_tokens
 

@@ -1,25 +1,32 @@
-"""Resolve the ``model`` config group into ModelArgs and a checkpoint folder, then build this rank's shard."""
+"""Resolve the ``model`` config group into ModelArgs and a checkpoint folder, then build this rank's shard.
+
+The folder is the given ``ckpt_dir``, a packaged checkpoint (``deepseek_ptq/model/<name>/``, stored once unsharded:
+W = 1 reads it in place, any other W is sharded from it into the cache), or a seeded generated one (model.synthetic,
+sharded into the cache); ``random_weights`` draws on the device instead (RandomWeights).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.checkpoint import check_checkpoint, load_shard
-from deepseek_ptq.model.generate import ensure_generated_checkpoint
+from deepseek_ptq.model.checkpoint import check_checkpoint, ensure_shards, load_shard, shard_name
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.model.random_init import init_random_
-from deepseek_ptq.model.release import ensure_packaged_checkpoint
+from deepseek_ptq.model.synthetic import generated_dir, init_random_, random_full_state
 from deepseek_ptq.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-PACKAGED = Path(__file__).parent / "configs"
+PACKAGE_DIR = Path(__file__).parent
+PACKAGED = PACKAGE_DIR / "configs"
 _BASE_KEYS = {"name", "config", "ckpt_dir", "packaged_ckpt", "seed", "cache_dir", "random_weights"}
 
 
@@ -42,6 +49,37 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     overrides = {k: v for k, v in dict(model_cfg).items() if k not in _BASE_KEYS and v is not None}
     values.update(overrides)
     return ModelArgs.from_dict(values, source=str(path))
+
+
+def packaged_checkpoints() -> list[str]:
+    return sorted(p.parent.name for p in PACKAGE_DIR.glob(f"*/{shard_name(0, 1)}"))
+
+
+def packaged_dir(name: str) -> Path:
+    path = PACKAGE_DIR / name
+    if not (path / shard_name(0, 1)).exists():
+        raise UserError(f"no packaged checkpoint named {name!r} (have: {packaged_checkpoints()})",
+                        fix="set model.packaged_ckpt to one of those, or model.ckpt_dir to a checkpoint folder")
+    return path
+
+
+def ensure_packaged_checkpoint(name: str, args: ModelArgs, world_size: int, cache_root: Path) -> Path:
+    """The packaged checkpoint in place at W = 1, else its shards in a cache folder named by the stored file's
+    digest (a newer package never reads stale shards)."""
+    source = packaged_dir(name)
+    if world_size == 1:
+        check_checkpoint(source, 1)
+        return source
+    stored = source / shard_name(0, 1)
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()[:12]  # a packaged file is small (tens of MB)
+    return ensure_shards(cache_root / f"packaged-{name}-{digest}", args, world_size, lambda: load_file(str(stored)),
+                         json.loads((source / "config.json").read_text()))
+
+
+def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cache_root: Path) -> Path:
+    """The seeded checkpoint for (args, seed), drawn unsharded so that every world size holds the same model."""
+    return ensure_shards(generated_dir(args, seed, cache_root), args, world_size,
+                         lambda: random_full_state(args, seed), args.to_dict())
 
 
 @dataclass(frozen=True)
