@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.synthetic import generated_dir, init_random_, random_full_state
 from deepseek_ptq.model.transformer import Transformer
 
-log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).parent
 PACKAGED = PACKAGE_DIR / "configs"
 _BASE_KEYS = {"name", "config", "ckpt_dir", "packaged_ckpt", "seed", "cache_dir", "random_weights"}
@@ -51,14 +49,11 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     return ModelArgs.from_dict(values, source=str(path))
 
 
-def packaged_checkpoints() -> list[str]:
-    return sorted(p.parent.name for p in PACKAGE_DIR.glob(f"*/{shard_name(0, 1)}"))
-
-
 def packaged_dir(name: str) -> Path:
     path = PACKAGE_DIR / name
     if not (path / shard_name(0, 1)).exists():
-        raise UserError(f"no packaged checkpoint named {name!r} (have: {packaged_checkpoints()})",
+        have = sorted(p.parent.name for p in PACKAGE_DIR.glob(f"*/{shard_name(0, 1)}"))
+        raise UserError(f"no packaged checkpoint named {name!r} (have: {have})",
                         fix="set model.packaged_ckpt to one of those, or model.ckpt_dir to a checkpoint folder")
     return path
 
@@ -93,20 +88,20 @@ class RandomWeights:
 
 
 def checkpoint_dir(model_cfg: Any, args: ModelArgs, world_size: int) -> Path | RandomWeights:
-    """The checkpoint folder, generating the seeded one on first use when none is given."""
+    """The checkpoint folder: ``ckpt_dir``, else the packaged or generated one, sharded into the cache on first use."""
     if getattr(model_cfg, "random_weights", False):
         if model_cfg.ckpt_dir is not None:
             raise UserError("model.random_weights=true draws the weights, but model.ckpt_dir is set too",
                             fix="drop model.ckpt_dir, or set model.random_weights=false to load the checkpoint")
         return RandomWeights(model_cfg.seed)
-    if model_cfg.ckpt_dir is None and getattr(model_cfg, "packaged_ckpt", None):
-        return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size,
-                                          Path(model_cfg.cache_dir).expanduser())
-    if model_cfg.ckpt_dir is None:
-        return ensure_generated_checkpoint(args, model_cfg.seed, world_size, Path(model_cfg.cache_dir).expanduser())
-    ckpt_dir = Path(model_cfg.ckpt_dir).expanduser()
-    check_checkpoint(ckpt_dir, world_size)
-    return ckpt_dir
+    if model_cfg.ckpt_dir is not None:
+        ckpt_dir = Path(model_cfg.ckpt_dir).expanduser()
+        check_checkpoint(ckpt_dir, world_size)
+        return ckpt_dir
+    cache = Path(model_cfg.cache_dir).expanduser()
+    if getattr(model_cfg, "packaged_ckpt", None):
+        return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size, cache)
+    return ensure_generated_checkpoint(args, model_cfg.seed, world_size, cache)
 
 
 def build_model(args: ModelArgs, ckpt_dir: Path | RandomWeights, par: Parallel, device: torch.device,
