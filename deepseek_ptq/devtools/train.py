@@ -1,7 +1,8 @@
 """Training the tiny DeepSeek-V3 on byte-level text, with DeepSeek-V3's routing balance, into the release format.
 
 Precision: fp32 master weights and AdamW state, forward and backward under bf16 autocast (every matmul,
-attention and the gate in bf16), the residual stream in fp32. The stored model is bf16 / FP8 (see release.py).
+attention and the gate in bf16), the residual stream in fp32. The stored model is bf16 / FP8
+(see model.checkpoint.release_state).
 
 Routing balance, as DeepSeek-V3 trains it: auxiliary-loss-free selection bias (after each step every expert's
 ``gate.bias`` moves by ``gamma`` towards the mean load; the bias steers selection only; gamma 10x DeepSeek's
