@@ -14,7 +14,7 @@ from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.kernels import dequant_torch
 from deepseek_ptq.model.load import PACKAGED, RandomWeights, build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Linear, Parallel
-from deepseek_ptq.model.random_init import init_random_
+from deepseek_ptq.model.synthetic import init_random_
 from deepseek_ptq.model.transformer import Transformer
 
 SLICE = ModelArgs.from_json(PACKAGED / "ds_v3_slice.json")
@@ -62,7 +62,7 @@ def test_random_init_writes_every_parameter_reproducibly():
                            state[2]["layers.1.ffn.experts.3.w1.weight"].float())
     fp8 = [(n, m) for n, m in models[0].named_modules() if isinstance(m, Linear) and m.scale is not None]
     assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn and bool((m.scale > 0).all()) for _, m in fp8)
-    # real weight ~ N(0, 1/in), times a log-normal factor per 128x128 block (sigma 0.25): few blocks, wide spread
+    # real weight ~ N(0, 1/in) (model.synthetic), stored as FP8 codes with 128x128 block scales
     ratios = [dequant_torch(m.weight, m.scale, torch.float32).std().item() * m.in_features ** 0.5 for _, m in fp8]
     assert all(0.4 < r < 2.5 for r in ratios) and 0.9 < sum(ratios) / len(ratios) < 1.25
 

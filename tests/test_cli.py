@@ -16,8 +16,8 @@ from conftest import FAST, load_amax, with_fast
 
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import write_shards
-from deepseek_ptq.model.generate import random_full_state
 from deepseek_ptq.model.load import PACKAGED
+from deepseek_ptq.model.synthetic import random_full_state
 from deepseek_ptq.pipeline.launch import free_port
 
 TINY = ModelArgs.from_json(PACKAGED / "tiny.json")

@@ -24,8 +24,7 @@ from deepseek_ptq.hf.convert import convert
 from deepseek_ptq.hf.names import args_from_hf_config, from_hf, hf_config, to_hf
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import load_shard, shard_name
-from deepseek_ptq.model.generate import ensure_generated_checkpoint
-from deepseek_ptq.model.load import PACKAGED
+from deepseek_ptq.model.load import PACKAGED, ensure_generated_checkpoint
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.transformer import Transformer
 

@@ -13,7 +13,7 @@ from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.model.random_init import init_random_
+from deepseek_ptq.model.synthetic import init_random_
 from deepseek_ptq.model.transformer import Transformer
 from deepseek_ptq.quant.calibrate import calibrate
 from deepseek_ptq.quant.fast import FastOptions, Grouped, in_use, why_not

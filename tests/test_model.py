@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import load_shard, shard_name, write_shards
-from deepseek_ptq.model.generate import random_full_state
 from deepseek_ptq.model.kernels import dequant_torch, quantize_fp8_blocks
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import Gate, MoE
 from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.model.synthetic import random_full_state
 from deepseek_ptq.model.transformer import Transformer
 
 TINY = ModelArgs.from_json(PACKAGED / "tiny.json")

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from deepseek_ptq.devtools.train import bits_per_byte, expert_loads, load_release, load_table
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import check_checkpoint, shard_name, shard_state_dict
-from deepseek_ptq.model.load import PACKAGED
-from deepseek_ptq.model.release import ensure_packaged_checkpoint, packaged_dir
+from deepseek_ptq.model.load import PACKAGED, ensure_packaged_checkpoint, packaged_dir
 from deepseek_ptq.pipeline.config import DataConfig
 from deepseek_ptq.pipeline.data import make_batches
 

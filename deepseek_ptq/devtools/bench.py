@@ -413,7 +413,7 @@ def bench_fixup(device: torch.device, quant_cfg: Any, world_size: int = 8, n_lay
     import torch.distributed as dist
 
     from deepseek_ptq.model.parallel import Parallel
-    from deepseek_ptq.model.random_init import init_random_
+    from deepseek_ptq.model.synthetic import init_random_
     from deepseek_ptq.model.transformer import Transformer
     from deepseek_ptq.pipeline.launch import free_port
     from deepseek_ptq.quant.calibrate import calibrate

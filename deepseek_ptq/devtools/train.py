@@ -1,7 +1,8 @@
 """Training the tiny DeepSeek-V3 on byte-level text, with DeepSeek-V3's routing balance, into the release format.
 
 Precision: fp32 master weights and AdamW state, forward and backward under bf16 autocast (every matmul,
-attention and the gate in bf16), the residual stream in fp32. The stored model is bf16 / FP8 (see release.py).
+attention and the gate in bf16), the residual stream in fp32. The stored model is bf16 / FP8
+(see model.checkpoint.release_state).
 
 Routing balance, as DeepSeek-V3 trains it: auxiliary-loss-free selection bias (after each step every expert's
 ``gate.bias`` moves by ``gamma`` towards the mean load; the bias steers selection only; gamma 10x DeepSeek's
@@ -26,10 +27,9 @@ from safetensors.torch import save_file
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.checkpoint import load_shard, shard_name
+from deepseek_ptq.model.checkpoint import load_shard, release_state, shard_name
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.moe import MoE
-from deepseek_ptq.model.release import release_state
 from deepseek_ptq.model.transformer import Transformer
 from deepseek_ptq.pipeline.data import ByteTokenizer, default_corpus, is_heldout, read_tokens
 

@@ -41,8 +41,8 @@ from deepseek_ptq.hf.names import LINEAR_MODULES, hf_config, hf_module, to_hf
 from deepseek_ptq.hf.nvfp4_pack import fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
 from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.checkpoint import ShardReader, pick_world_size
 from deepseek_ptq.model.kernels import dequant
-from deepseek_ptq.model.shard_reader import ShardReader, pick_world_size
 from deepseek_ptq.pipeline import rundir
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,19 @@
 """DeepSeek's converted checkpoint format: ``model{rank}-mp{W}.safetensors`` plus a ModelArgs config JSON.
 
-Sharding follows DeepSeek's converter: column-parallel weights split dim 0, row-parallel weights dim 1,
-embedding and head split by vocabulary, routed experts kept whole on the rank that owns them, the rest
-replicated. An FP8 weight's ``.scale`` splits with it (the split falls on a 128-block boundary).
+The release layout: every Linear weight float8_e4m3fn with a float32 128x128 block scale (``release_state``);
+embedding, gate, head and norms bf16; gate bias fp32. Sharding follows DeepSeek's converter: column-parallel
+weights split dim 0, row-parallel weights dim 1, embedding and head split by vocabulary, routed experts kept
+whole on the rank that owns them, the rest replicated. An FP8 weight's ``.scale`` splits with it (the split
+falls on a 128-block boundary). ``ShardReader`` is the inverse: whole tensors from the shards of any W.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -16,9 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.files import atomic_write, write_json
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.kernels import BLOCK
+from deepseek_ptq.model.kernels import BLOCK, quantize_fp8_blocks
+from deepseek_ptq.model.transformer import Transformer
 
 _COLUMN = {"wq", "wq_b", "wkv_b", "w1", "w3", "head", "embed"}
 _ROW = {"wo", "w2"}
@@ -68,10 +76,43 @@ def shard_state_dict(full: dict[str, torch.Tensor], args: ModelArgs, rank: int, 
     return out
 
 
+def release_tensor(name: str, value: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One full-precision parameter as stored: FP8 codes plus their block ``.scale``, or cast to ``dtype``."""
+    if dtype == torch.float8_e4m3fn:
+        codes, scale = quantize_fp8_blocks(value)
+        return {name: codes, name.removesuffix("weight") + "scale": scale}
+    return {name: value.to(dtype).contiguous()}
+
+
+@torch.no_grad()
+def release_state(full: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Full-precision weights (keys of the bf16 layout) -> the release layout of ``args``."""
+    with torch.device("meta"):
+        layout = Transformer(args)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in layout.named_parameters():
+        if not name.endswith(".scale"):  # written with its weight
+            out.update(release_tensor(name, full[name].detach().float().cpu(), param.dtype))
+    return out
+
+
 def write_shards(full: dict[str, torch.Tensor], args: ModelArgs, ckpt_dir: Path, world_size: int) -> None:
+    """Every rank's shard of an unsharded state dict, each written aside and renamed into place."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(world_size):
-        save_file(shard_state_dict(full, args, rank, world_size), str(ckpt_dir / shard_name(rank, world_size)))
+        shard = shard_state_dict(full, args, rank, world_size)
+        atomic_write(ckpt_dir / shard_name(rank, world_size), lambda tmp: save_file(shard, tmp))
+
+
+def ensure_shards(ckpt_dir: Path, args: ModelArgs, world_size: int, full: Callable[[], dict[str, torch.Tensor]],
+                  config: dict[str, Any]) -> Path:
+    """``ckpt_dir`` (a cache folder) with this world size's shards of ``full()`` and ``config`` as config.json,
+    written on first use. Safe when several ranks call it at once: every file is written aside and renamed."""
+    if sorted(find_shards(ckpt_dir).get(world_size, [])) == list(range(world_size)) and (ckpt_dir / "config.json").exists():
+        return ckpt_dir
+    write_shards(full(), args, ckpt_dir, world_size)
+    write_json(ckpt_dir / "config.json", config)
+    return ckpt_dir
 
 
 def find_shards(ckpt_dir: Path) -> dict[int, list[int]]:
@@ -82,6 +123,18 @@ def find_shards(ckpt_dir: Path) -> dict[int, list[int]]:
         if match:
             found.setdefault(int(match.group(2)), []).append(int(match.group(1)))
     return found
+
+
+def pick_world_size(ckpt_dir: Path, preferred: int | None) -> int:
+    """The run's world size if its shards are there, else the smallest complete set in the folder."""
+    found = find_shards(ckpt_dir) if ckpt_dir.is_dir() else {}
+    sizes = sorted(w for w, ranks in found.items() if sorted(ranks) == list(range(w)))
+    if preferred in sizes:
+        return preferred
+    if sizes:
+        return sizes[0]
+    check_checkpoint(ckpt_dir, preferred or 1)  # raises the clear error for what is missing
+    raise AssertionError("unreachable")
 
 
 def check_checkpoint(ckpt_dir: Path, world_size: int) -> None:
@@ -129,3 +182,43 @@ def load_shard(model: nn.Module, ckpt_dir: Path, rank: int, world_size: int, pro
                                     fix="set dtype in the config JSON to match the checkpoint (fp8 or bf16)")
                 tensor = tensor.to(param.dtype)
             param.data.copy_(tensor)
+
+
+class ShardReader:
+    """Open every rank's shard lazily; ``get(key)`` reads only that tensor's parts."""
+
+    def __init__(self, ckpt_dir: Path, world_size: int) -> None:
+        check_checkpoint(ckpt_dir, world_size)
+        self.world_size = world_size
+        self._stack = ExitStack()
+        self._files = [self._stack.enter_context(safe_open(str(ckpt_dir / shard_name(r, world_size)), framework="pt"))
+                       for r in range(world_size)]
+        self._ranks: dict[str, list[int]] = {}
+        for rank, f in enumerate(self._files):
+            for key in f.keys():
+                self._ranks.setdefault(key, []).append(rank)
+
+    def keys(self) -> list[str]:
+        return sorted(self._ranks, key=natural_key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ranks
+
+    def get(self, key: str) -> torch.Tensor:
+        ranks = self._ranks[key]
+        dim = split_dim(key)
+        if dim is None or self.world_size == 1:
+            return self._files[ranks[0]].get_tensor(key)
+        if len(ranks) != self.world_size:
+            raise UserError(f"{key} is split across ranks but only ranks {ranks} of {self.world_size} hold it",
+                            fix="re-create the checkpoint shards")
+        return torch.cat([self._files[r].get_tensor(key) for r in range(self.world_size)], dim=dim)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

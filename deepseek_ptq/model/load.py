@@ -1,25 +1,30 @@
-"""Resolve the ``model`` config group into ModelArgs and a checkpoint folder, then build this rank's shard."""
+"""Resolve the ``model`` config group into ModelArgs and a checkpoint folder, then build this rank's shard.
+
+The folder is the given ``ckpt_dir``, a packaged checkpoint (``deepseek_ptq/model/<name>/``, stored once unsharded:
+W = 1 reads it in place, any other W is sharded from it into the cache), or a seeded generated one (model.synthetic,
+sharded into the cache); ``random_weights`` draws on the device instead (RandomWeights).
+"""
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
-from deepseek_ptq.model.checkpoint import check_checkpoint, load_shard
-from deepseek_ptq.model.generate import ensure_generated_checkpoint
+from deepseek_ptq.model.checkpoint import check_checkpoint, ensure_shards, load_shard, shard_name
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.model.random_init import init_random_
-from deepseek_ptq.model.release import ensure_packaged_checkpoint
+from deepseek_ptq.model.synthetic import generated_dir, init_random_, random_full_state
 from deepseek_ptq.model.transformer import Transformer
 
-log = logging.getLogger(__name__)
-PACKAGED = Path(__file__).parent / "configs"
+PACKAGE_DIR = Path(__file__).parent
+PACKAGED = PACKAGE_DIR / "configs"
 _BASE_KEYS = {"name", "config", "ckpt_dir", "packaged_ckpt", "seed", "cache_dir", "random_weights"}
 
 
@@ -44,6 +49,34 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     return ModelArgs.from_dict(values, source=str(path))
 
 
+def packaged_dir(name: str) -> Path:
+    path = PACKAGE_DIR / name
+    if not (path / shard_name(0, 1)).exists():
+        have = sorted(p.parent.name for p in PACKAGE_DIR.glob(f"*/{shard_name(0, 1)}"))
+        raise UserError(f"no packaged checkpoint named {name!r} (have: {have})",
+                        fix="set model.packaged_ckpt to one of those, or model.ckpt_dir to a checkpoint folder")
+    return path
+
+
+def ensure_packaged_checkpoint(name: str, args: ModelArgs, world_size: int, cache_root: Path) -> Path:
+    """The packaged checkpoint in place at W = 1, else its shards in a cache folder named by the stored file's
+    digest (a newer package never reads stale shards)."""
+    source = packaged_dir(name)
+    if world_size == 1:
+        check_checkpoint(source, 1)
+        return source
+    stored = source / shard_name(0, 1)
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()[:12]  # a packaged file is small (tens of MB)
+    return ensure_shards(cache_root / f"packaged-{name}-{digest}", args, world_size, lambda: load_file(str(stored)),
+                         json.loads((source / "config.json").read_text()))
+
+
+def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cache_root: Path) -> Path:
+    """The seeded checkpoint for (args, seed), drawn unsharded so that every world size holds the same model."""
+    return ensure_shards(generated_dir(args, seed, cache_root), args, world_size,
+                         lambda: random_full_state(args, seed), args.to_dict())
+
+
 @dataclass(frozen=True)
 class RandomWeights:
     """No checkpoint: the weights are drawn on the device from ``seed`` (model.random_weights)."""
@@ -55,20 +88,20 @@ class RandomWeights:
 
 
 def checkpoint_dir(model_cfg: Any, args: ModelArgs, world_size: int) -> Path | RandomWeights:
-    """The checkpoint folder, generating the seeded one on first use when none is given."""
+    """The checkpoint folder: ``ckpt_dir``, else the packaged or generated one, sharded into the cache on first use."""
     if getattr(model_cfg, "random_weights", False):
         if model_cfg.ckpt_dir is not None:
             raise UserError("model.random_weights=true draws the weights, but model.ckpt_dir is set too",
                             fix="drop model.ckpt_dir, or set model.random_weights=false to load the checkpoint")
         return RandomWeights(model_cfg.seed)
-    if model_cfg.ckpt_dir is None and getattr(model_cfg, "packaged_ckpt", None):
-        return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size,
-                                          Path(model_cfg.cache_dir).expanduser())
-    if model_cfg.ckpt_dir is None:
-        return ensure_generated_checkpoint(args, model_cfg.seed, world_size, Path(model_cfg.cache_dir).expanduser())
-    ckpt_dir = Path(model_cfg.ckpt_dir).expanduser()
-    check_checkpoint(ckpt_dir, world_size)
-    return ckpt_dir
+    if model_cfg.ckpt_dir is not None:
+        ckpt_dir = Path(model_cfg.ckpt_dir).expanduser()
+        check_checkpoint(ckpt_dir, world_size)
+        return ckpt_dir
+    cache = Path(model_cfg.cache_dir).expanduser()
+    if getattr(model_cfg, "packaged_ckpt", None):
+        return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size, cache)
+    return ensure_generated_checkpoint(args, model_cfg.seed, world_size, cache)
 
 
 def build_model(args: ModelArgs, ckpt_dir: Path | RandomWeights, par: Parallel, device: torch.device,
