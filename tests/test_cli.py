@@ -224,3 +224,22 @@ def test_overflowing_activations_name_the_module(tmp_path, cache_dir):
     (ckpt / "config.json").write_text(json.dumps(TINY.to_dict()))
     result = cli(tmp_path / "run", f"model.ckpt_dir={ckpt}", "model.config=null")
     assert_failed(result, tmp_path / "run", "non-finite activations", "layers.1")
+
+
+def test_in_process_run_puts_back_the_sigterm_handler(tmp_path, cache_dir):
+    # execute() turns SIGTERM into an exception while a job runs; afterwards the caller's handler is back.
+    from conftest import run_job
+
+    def mine(signum, frame):
+        raise AssertionError("not expected to be called")
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        run_job(tmp_path / "ok", ["data.num_samples=4"])
+        assert metrics(tmp_path / "ok" / "run")["status"] == "ok"
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(Exception, match="num_samples"):
+            run_job(tmp_path / "bad", ["data.num_samples=0"])
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
