@@ -230,6 +230,7 @@ def test_fast_fixup_gives_the_same_amax_and_report(one_rank_group, world_size, r
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("combine", ["auto", "torch"])
 @pytest.mark.parametrize("mode", ["topk", "all_experts"])
@@ -264,6 +265,7 @@ def test_gpu_fast_path_close_to_plain(monkeypatch, mode, combine):
     assert within == len(gaps) if mode == "all_experts" else within >= 0.9 * len(gaps)
 
 
+@pytest.mark.gpu
 @CUDA
 def test_gpu_moe_combine_bit_identical_to_torch_ops():
     from deepseek_ptq.model import triton_kernels
@@ -280,6 +282,7 @@ def test_gpu_moe_combine_bit_identical_to_torch_ops():
     assert not torch.isnan(got).any() and torch.equal(got, want)
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("layout", ["tokens_m"])  # weights_m: CUDA torch 2.11 needs group sizes in multiples of 8
 @pytest.mark.parametrize("pad", [False, True])
