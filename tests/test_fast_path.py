@@ -170,6 +170,7 @@ def test_every_grouped_layout_gives_the_plain_output(monkeypatch, layout, pad):
     test_routed_forward_matches_the_plain_loop(0, 2)
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
     """Two gloo ranks (spawned, the environment inherited): every amax of both ranks, fast and plain, agree."""
     from conftest import load_amax, run_job
