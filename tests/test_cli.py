@@ -79,6 +79,7 @@ def test_shard_for_another_world_size(tmp_path, cache_dir, mp2_ckpt):
     assert_failed(result, tmp_path / "run", "mp2", "world size 1")
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_missing_shard(tmp_path, cache_dir, mp2_ckpt):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -88,6 +89,7 @@ def test_missing_shard(tmp_path, cache_dir, mp2_ckpt):
     assert_failed(result, tmp_path / "run", "model1-mp2.safetensors")
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_config_that_disagrees_with_checkpoint(tmp_path, cache_dir, mp2_ckpt):
     result = cli(tmp_path / "run", f"model.ckpt_dir={mp2_ckpt}", "model.config=null", "parallel=mp2", "model.dim=512")
     assert_failed(result, tmp_path / "run", "shape")
@@ -102,6 +104,7 @@ def test_zero_samples_and_empty_data(tmp_path, cache_dir):
     assert_failed(result, tmp_path / "b", "empty")
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_mp1_mp2_same_weight_amax_close_input_amax(tmp_path, cache_dir):
     r1, r2 = tmp_path / "mp1", tmp_path / "mp2"
     # The KL tolerance below was measured on the random model; on the trained default, 2 x 64 held-out tokens
@@ -135,6 +138,7 @@ def test_mp1_mp2_same_weight_amax_close_input_amax(tmp_path, cache_dir):
             assert torch.allclose(a1[key], a2[key], rtol=5e-2), (key, a1[key], a2[key])
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_rank_failure_ends_the_job_with_its_error(tmp_path, cache_dir, mp2_ckpt):
     bad = tmp_path / "bad"
     state = random_full_state(TINY, 0)
@@ -149,6 +153,7 @@ def test_rank_failure_ends_the_job_with_its_error(tmp_path, cache_dir, mp2_ckpt)
     assert metrics(tmp_path / "run")["failed_rank"] == 1
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_short_calibration_leaves_experts_without_tokens_and_still_syncs(tmp_path, cache_dir):
     short = ["data.num_samples=1", "data.seq_len=4", "data.batch_size=1"]
     single, mp4 = tmp_path / "mp1", tmp_path / "mp4"
@@ -166,6 +171,7 @@ def test_short_calibration_leaves_experts_without_tokens_and_still_syncs(tmp_pat
         assert torch.allclose(a1[key].float(), a4[key].float(), rtol=5e-2), key
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
     run_dir = tmp_path / "run"
@@ -208,6 +214,7 @@ def test_run_stopped_by_sigterm_records_failed(tmp_path, cache_dir, joined):
     assert not (run_dir / "amax").exists()
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_strict_fails_when_experts_keep_no_amax(tmp_path, cache_dir):
     short = ["data.num_samples=1", "data.seq_len=4", "data.batch_size=1", "calib.sync=false"]
     lenient = cli(tmp_path / "a", *short)
@@ -224,3 +231,22 @@ def test_overflowing_activations_name_the_module(tmp_path, cache_dir):
     (ckpt / "config.json").write_text(json.dumps(TINY.to_dict()))
     result = cli(tmp_path / "run", f"model.ckpt_dir={ckpt}", "model.config=null")
     assert_failed(result, tmp_path / "run", "non-finite activations", "layers.1")
+
+
+def test_in_process_run_puts_back_the_sigterm_handler(tmp_path, cache_dir):
+    # execute() turns SIGTERM into an exception while a job runs; afterwards the caller's handler is back.
+    from conftest import run_job
+
+    def mine(signum, frame):
+        raise AssertionError("not expected to be called")
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        run_job(tmp_path / "ok", ["data.num_samples=4"])
+        assert metrics(tmp_path / "ok" / "run")["status"] == "ok"
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(Exception, match="num_samples"):
+            run_job(tmp_path / "bad", ["data.num_samples=0"])
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -17,6 +17,8 @@ from wandb_records import read_run
 
 from deepseek_ptq.analysis import compare, report
 
+pytestmark = pytest.mark.slow  # every test reads the module's sweep (two subprocess jobs and a failing one)
+
 
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -120,6 +120,7 @@ def hf(module: str) -> str:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.slow  # run_w2: two spawned ranks
 def test_nvfp4_export_equals_calibrated_fake_quant(exports, run_w1, run_w2, world_size):
     run_dir = {1: run_w1, 2: run_w2}[world_size]
     tensors = read_export(exports[world_size])
@@ -168,12 +169,14 @@ def test_nvfp4_export_equals_calibrated_fake_quant(exports, run_w1, run_w2, worl
     assert not [k for k in tensors if not k.startswith(("model.", "lm_head."))]
 
 
+@pytest.mark.slow  # run_w2: two spawned ranks
 def test_world_sizes_export_one_layout(exports):
     one, two = (read_export(exports[w]) for w in (1, 2))
     assert {k: (v.dtype, v.shape) for k, v in one.items()} == {k: (v.dtype, v.shape) for k, v in two.items()}
     assert len(list(exports[1].glob("model-*-of-*.safetensors"))) > 1
 
 
+@pytest.mark.slow  # run_w2: two spawned ranks
 def test_export_metadata(exports):
     out = exports[2]
     config = json.loads((out / "config.json").read_text())
@@ -249,6 +252,7 @@ def broken_copy(run_dir: Path, dst: Path, edit) -> Path:
     return dst
 
 
+@pytest.mark.slow  # run_w2: two spawned ranks
 def test_refuses_missing_amax_and_bad_scales(run_w2, tmp_path):
     def edit(amax):
         amax.pop("layers.2.ffn.experts.5.w2.input_quantizer._amax", None)  # held by rank 0 only

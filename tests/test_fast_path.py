@@ -214,6 +214,7 @@ def test_every_grouped_layout_gives_the_plain_output(layout, pad):
     test_routed_forward_matches_the_plain_loop(0, 2, Grouped(layout, pad))
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
     """Two gloo ranks (spawned, the environment inherited): every amax of both ranks, fast and plain, agree."""
     from conftest import load_amax, run_job
@@ -232,6 +233,7 @@ def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("combine", ["auto", "torch"])
 @pytest.mark.parametrize("mode", ["topk", "all_experts"])
@@ -265,6 +267,7 @@ def test_gpu_fast_path_close_to_plain(mode, combine):
     assert within == len(gaps) if mode == "all_experts" else within >= 0.9 * len(gaps)
 
 
+@pytest.mark.gpu
 @CUDA
 def test_gpu_moe_combine_bit_identical_to_torch_ops():
     from deepseek_ptq.model import triton_kernels
@@ -281,6 +284,7 @@ def test_gpu_moe_combine_bit_identical_to_torch_ops():
     assert not torch.isnan(got).any() and torch.equal(got, want)
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("layout", ["tokens_m"])  # weights_m: CUDA torch 2.11 needs group sizes in multiples of 8
 @pytest.mark.parametrize("pad", [False, True])

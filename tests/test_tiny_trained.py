@@ -51,6 +51,7 @@ def test_stored_like_deepseeks_release(stored):
     assert all(stored[f"layers.{i}.ffn.gate.bias"].abs().max() > 0.01 for i in (1, 2, 3))
 
 
+@pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_w1_and_w2_runs_load_the_same_weights(tmp_path, cache_dir, stored):
     w1 = run_job(tmp_path / "w1", ["model=tiny"])
     w2 = run_job(tmp_path / "w2", ["model=tiny", "parallel=mp2"])

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.gpu
+
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.pipeline import rundir
 from deepseek_ptq.pipeline.config import register_schema
 from deepseek_ptq.pipeline.launch import (
+    JoinedRank,
     RankFailed,
     joined_rank,
     let_rank0_record_first,
@@ -41,9 +43,19 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
     joined = joined_rank()
     rank = joined.rank if joined else 0
     world_size = cfg.parallel.world_size
+    installed, previous = False, None
     if joined is not None or world_size == 1:
         # (the spawning parent keeps Python's default: its children must not outlive it)
-        stop_on_sigterm(run_dir if rank == 0 else None)
+        previous, installed = stop_on_sigterm(run_dir if rank == 0 else None), True
+    try:
+        _execute(cfg, run_dir, joined, rank, world_size)
+    finally:
+        if installed:  # the job is over: the caller's handler again (a test process, whoever calls execute)
+            # (None: a handler set outside Python, which cannot be put back; the default is the nearest)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _execute(cfg: DictConfig, run_dir: Path, joined: JoinedRank | None, rank: int, world_size: int) -> None:
     if rank == 0:
         rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
     if joined is not None:

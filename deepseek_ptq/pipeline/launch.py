@@ -54,12 +54,13 @@ class Terminated(BaseException):
 _terminated: Terminated | None = None
 
 
-def stop_on_sigterm(run_dir: Path | None) -> None:
+def stop_on_sigterm(run_dir: Path | None) -> Any:
     """Turn SIGTERM into an exception, so a joined rank (or a one-process run stopped by SLURM or ``timeout``)
     records ``failed`` and closes W&B instead of vanishing with metrics.json still saying ``running``.
 
     The failure is recorded in the handler itself: a C extension that is calling back into Python when the
     signal lands may turn the exception into one of its own (safetensors raised a ValueError in a CI run).
+    Returns the handler it replaced, for the caller to put back when the run ends.
     """
 
     def _raise(signum: int, _frame: Any) -> None:
@@ -71,7 +72,7 @@ def stop_on_sigterm(run_dir: Path | None) -> None:
                 rundir.mark_failed(run_dir, err)
         raise err
 
-    signal.signal(signal.SIGTERM, _raise)
+    return signal.signal(signal.SIGTERM, _raise)
 
 
 def terminated() -> Terminated | None:
