@@ -221,7 +221,8 @@ def test_fast_path_identical_at_mp2(cache_dir, tmp_path):
 
     runs = {}
     for fast in (True, False):
-        run_dir = run_job(tmp_path / str(fast), ["parallel=mp2", "calib=topk", "data.num_samples=4", f"calib.fast={fast}"])
+        run_dir = run_job(tmp_path / str(fast), ["parallel=mp2", "parallel.device=cpu", "calib=topk", "data.num_samples=4",
+                                                f"calib.fast={fast}"])
         assert ("fast calibration path" in (run_dir / "run.log").read_text()) == fast
         runs[fast] = load_amax(run_dir)
     assert runs[True].keys() == runs[False].keys() and len(runs[True]) > 300
@@ -305,3 +306,15 @@ def test_gpu_every_grouped_layout_close_to_the_plain_loop(layout, pad):
             h = torch.nn.functional.silu(expert.w1(x[rows])) * expert.w3(x[rows])
             assert stats.w13[slot] == x[rows].abs().max().float()
             assert abs(stats.w2[slot] / h.abs().max().float() - 1) <= 2 ** -6
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_more_ranks_than_gpus_fail_before_any_rank_starts():
+    """NCCL refuses two ranks on one device only after the spawn: the launcher says it first, with the fix."""
+    from deepseek_ptq.errors import UserError
+    from deepseek_ptq.pipeline.launch import check_local_gpus
+
+    check_local_gpus("cuda", torch.cuda.device_count())
+    with pytest.raises(UserError, match="one rank per GPU"):
+        check_local_gpus("auto", torch.cuda.device_count() + 1)

@@ -20,6 +20,7 @@ from deepseek_ptq.pipeline.config import register_schema
 from deepseek_ptq.pipeline.launch import (
     JoinedRank,
     RankFailed,
+    check_local_gpus,
     joined_rank,
     let_rank0_record_first,
     rank_main,
@@ -72,6 +73,7 @@ def _execute(cfg: DictConfig, run_dir: Path, joined: JoinedRank | None, rank: in
         rank_main(cfg, run_dir, 0, 1, 0, "")
     else:
         rundir.setup_logging(run_dir, 0, cfg.log_level)
+        check_local_gpus(choice(cfg.parallel.device), world_size)  # before any rank starts
         log.info("spawning %d ranks", world_size)
         spawn(cfg, run_dir)
         rundir.setup_logging(run_dir, 0, cfg.log_level)

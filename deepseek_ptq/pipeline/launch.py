@@ -87,13 +87,26 @@ def let_rank0_record_first(rank: int) -> None:
         time.sleep(3.0)
 
 
+def uses_cuda(device: str) -> bool:
+    """parallel.device resolved: cuda when asked for, or auto with a visible GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("parallel.device=cuda but no CUDA device is visible", fix="use parallel.device=cpu or auto")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def check_local_gpus(device: str, ranks_on_node: int) -> None:
+    """Each rank of a node needs a GPU of its own (NCCL refuses two ranks on one device, after the spawn)."""
+    if uses_cuda(device) and ranks_on_node > torch.cuda.device_count():
+        raise UserError(f"{ranks_on_node} ranks on this node need {ranks_on_node} GPUs, {torch.cuda.device_count()} "
+                        "visible", fix="start at most one rank per GPU, or set parallel.device=cpu")
+
+
 def pick_device(device: str, local_rank: int) -> torch.device:
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("parallel.device=cuda but no CUDA device is visible", fix="use parallel.device=cpu or auto")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    if not uses_cuda(device):
+        return torch.device("cpu")
+    check_local_gpus(device, local_rank + 1)
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def free_port() -> int:
