@@ -11,7 +11,6 @@ When both runs evaluated the same held-out sequences, their evaluation is compar
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import write_json
 from deepseek_ptq.observe.evaluate import SEQUENCES_CSV, UNIT_LABELS, read_sequences, standard_error
 from deepseek_ptq.observe.stats import QuantizerPath, ratio_summary
+from deepseek_ptq.pipeline.metrics import RunMetrics
+from deepseek_ptq.pipeline.rundir import read_amax, read_finished
 
 AMAX_SUFFIX = "._amax"
 
@@ -32,44 +33,27 @@ AMAX_SUFFIX = "._amax"
 @dataclass(frozen=True)
 class Run:
     path: Path
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     amax: dict[str, torch.Tensor]  # quantizer path -> amax, merged over ranks
 
     @property
     def label(self) -> str:
-        m = self.metrics
-        return f"{self.path.name} ({m.get('quant')}, {m.get('calib')}{'+sync' if m.get('calib_sync') else ''}, W={m.get('world_size')})"
+        return f"{self.path.name} ({self.metrics.mode_label})"
 
 
 def load_run(path: Path) -> Run:
-    metrics_file = path / "metrics.json"
-    if not metrics_file.exists():
-        raise UserError(f"{path} is not a run directory (no metrics.json)", fix="pass the folder a run wrote")
-    metrics = json.loads(metrics_file.read_text())
-    if metrics.get("status") != "ok":
-        raise UserError(f"run {path} has status {metrics.get('status')!r}: {metrics.get('error', 'not finished')}",
-                        fix="compare finished runs (status ok in metrics.json)")
-    world_size = metrics["world_size"]
-    files = sorted((path / "amax").glob(f"amax_dict_rank*-mp{world_size}.pt"))
-    if len(files) != world_size:
-        raise UserError(f"run {path} has {len(files)} amax dicts for world size {world_size}",
-                        fix="the run directory is incomplete: re-run it")
+    metrics = read_finished(path)
     merged: dict[str, torch.Tensor] = {}
-    for file in files:
-        for key, value in torch.load(file, map_location="cpu").items():
-            if not key.endswith(AMAX_SUFFIX):
-                continue
-            name = key.removesuffix(AMAX_SUFFIX)
-            # A tensor-parallel quantizer is on every rank with the same amax after the fixup.
-            merged[name] = torch.maximum(merged[name], value) if name in merged else value.float()
+    for key, value in read_amax(path, int(metrics.world_size)).items():
+        if key.endswith(AMAX_SUFFIX):
+            merged[key.removesuffix(AMAX_SUFFIX)] = value.float()
     return Run(path, metrics, merged)
 
 
 def _same_model(a: Run, b: Run) -> None:
     ma, mb = a.metrics, b.metrics
-    if (ma.get("model"), ma.get("ckpt_dir")) != (mb.get("model"), mb.get("ckpt_dir")):
-        raise UserError(f"the runs calibrated different models: {ma.get('model')} ({ma.get('ckpt_dir')}) vs "
-                        f"{mb.get('model')} ({mb.get('ckpt_dir')})",
+    if (ma.model, ma.ckpt_dir) != (mb.model, mb.ckpt_dir):
+        raise UserError(f"the runs calibrated different models: {ma.model} ({ma.ckpt_dir}) vs {mb.model} ({mb.ckpt_dir})",
                         fix="compare two runs of the same model and checkpoint")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 
 from deepseek_ptq.common import natural_key
 from deepseek_ptq.observe.eval_units import UNIT_LABELS
+from deepseek_ptq.pipeline.metrics import RunMetrics
 
 COLUMNS = ["job", "overrides", "status", "calib_s", "tokens_per_s", "quantizers", "synced_inputs",
            "experts_without_tokens", "missing_amax", "w2_sync_median", "kl", "kl_se", "top1_agreement",
@@ -38,16 +38,15 @@ def _overrides(job: Path) -> str:
 
 def job_row(job: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job.name, "overrides": _overrides(job)}
-    try:
-        m = json.loads((job / "metrics.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        return row | {"status": "failed", "error": f"no readable metrics.json ({type(err).__name__})"}
-    row["status"] = m.get("status", "unknown")
-    if row["status"] != "ok":
-        return row | {"error": str(m.get("error", "did not finish")).splitlines()[0][:200]}
-    counts, ev = m.get("counts", {}), m.get("eval") or {}
-    w2 = m.get("stats", {}).get("expert_input_sync_ratio", {}).get("w2", {})
-    row |= {"calib_s": m["timings_s"]["calibrate"], "tokens_per_s": m.get("calib_tokens_per_s"),
+    m = RunMetrics.read(job)
+    if m is None:
+        return row | {"status": "failed", "error": "no readable metrics.json"}
+    row["status"] = m.status
+    if m.status != "ok":
+        return row | {"error": str(m.error or "did not finish").splitlines()[0][:200]}
+    counts, ev = m.counts, m.eval or {}
+    w2 = m.stats.get("expert_input_sync_ratio", {}).get("w2", {})
+    row |= {"calib_s": m.timings_s["calibrate"], "tokens_per_s": m.calib_tokens_per_s,
             "quantizers": counts.get("quantizers"), "synced_inputs": counts.get("synced_input_amax"),
             "experts_without_tokens": counts.get("uncalibrated_experts"), "missing_amax": counts.get("missing_amax"),
             "w2_sync_median": w2.get("median"), "kl": ev.get("kl"), "kl_se": ev.get("kl_se"),

@@ -75,13 +75,8 @@ class ModuleScales:
 
 def read_run(run_dir: Path) -> Run:
     """The run's config, world size and checkpoint, refusing runs that did not finish."""
-    metrics = rundir.read_metrics(run_dir)
-    if not metrics:
-        raise UserError(f"{run_dir} holds no metrics.json", fix="pass the run directory of a calibration run")
-    if metrics.get("status") != "ok":
-        raise UserError(f"run {run_dir} has status {metrics.get('status')!r}, not 'ok'",
-                        fix="export a run that finished (see its metrics.json error)")
-    ckpt_dir = Path(metrics["ckpt_dir"])
+    metrics = rundir.read_finished(run_dir)
+    ckpt_dir = Path(metrics.ckpt_dir)
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if hydra_cfg.exists():
         from deepseek_ptq.model.load import resolve_args
@@ -95,26 +90,12 @@ def read_run(run_dir: Path) -> Run:
                             f"{ckpt_dir}/config.json", fix="pass a complete run directory")
         quant_cfg = OmegaConf.create(json.loads(quant_json.read_text())["config"])
         args = ModelArgs.from_json(ckpt_dir / "config.json")
-    return Run(run_dir, ckpt_dir, int(metrics["world_size"]), args, quant_cfg)
+    return Run(run_dir, ckpt_dir, int(metrics.world_size), args, quant_cfg)
 
 
 def merge_amax(run_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
     """All ranks' amax in one dict: max over the ranks that hold a key (tensor-parallel shards agree after the fixup)."""
-    merged: dict[str, torch.Tensor] = {}
-    differing = []
-    for rank in range(world_size):
-        path = run_dir / "amax" / f"amax_dict_rank{rank}-mp{world_size}.pt"
-        if not path.exists():
-            raise UserError(f"{path} does not exist", fix="export a run whose amax directory is complete")
-        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
-            if key in merged:
-                if not torch.equal(merged[key], value):
-                    differing.append(key)
-                merged[key] = torch.maximum(merged[key], value)
-            else:
-                merged[key] = value
-    if differing:
-        log.warning("%d amax differ between ranks (the max is exported): %s", len(differing), ", ".join(differing[:5]))
+    merged = rundir.read_amax(run_dir, world_size)
     others = sorted(k for k in merged if not _AMAX.match(k))
     if others:
         raise UserError(f"the run holds quantizer state this export does not write: {', '.join(others[:3])}",

@@ -25,7 +25,7 @@ from deepseek_ptq.observe.summary import write_summary
 from deepseek_ptq.pipeline import rundir
 from deepseek_ptq.pipeline.config import eval_enabled
 from deepseek_ptq.pipeline.data import make_batches
-from deepseek_ptq.pipeline.outputs import (
+from deepseek_ptq.pipeline.rundir import (
     gather_to_all,
     quantizer_lines,
     save_amax,

@@ -26,6 +26,7 @@ from deepseek_ptq.common import choice
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.pipeline.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,9 @@ def spawn(cfg: Any, run_dir: Path) -> None:
         mp.start_processes(_spawned, args=(cfg_yaml, str(run_dir), world_size, init_method), nprocs=world_size,
                            join=True, start_method="spawn")
     except mp.ProcessRaisedException as err:
-        failed = rundir.read_metrics(run_dir)
-        raise RankFailed(failed.get("failed_rank", err.error_index), failed.get("error", str(err))) from None
+        failed = RunMetrics.read(run_dir)
+        raise RankFailed(failed.failed_rank if failed and failed.failed_rank is not None else err.error_index,
+                         failed.error if failed and failed.error else str(err)) from None
     except mp.ProcessExitedException as err:
         rundir.mark_failed(run_dir, f"rank {err.error_index} exited with code {err.exit_code}", err.error_index)
         raise RankFailed(err.error_index, f"exited with code {err.exit_code}") from None

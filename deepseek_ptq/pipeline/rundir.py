@@ -1,4 +1,5 @@
-"""The run directory contract (see README): metrics.json with a status, logs, and the artifacts.
+"""The run directory contract (see README): metrics.json with a status, logs, and the artifacts; what each rank
+contributes and what rank 0 writes from all of them; and the one reader of a finished run for the tools.
 
 metrics.json is written atomically: "running" at the start, "ok" only when everything is written,
 "failed" (with the error) otherwise, in which case finished-looking artifacts are removed.
@@ -14,9 +15,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from deepseek_ptq.files import write_json
+import torch
+import torch.distributed as dist
+from torch import nn
 
-METRICS = "metrics.json"
+from deepseek_ptq.common import natural_key
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.files import write_json
+from deepseek_ptq.pipeline.metrics import METRICS, RunMetrics
+
+log = logging.getLogger(__name__)
+
 ARTIFACTS = ("amax", "stats", "plots", ".quant_summary.txt", "hf_quant_config.json", "summary.md")
 
 
@@ -67,3 +76,93 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     root.addHandler(console)
     for noisy in ("matplotlib", "PIL", "urllib3", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------- what ranks write
+
+
+def amax_path(run_dir: Path, rank: int, world_size: int) -> Path:
+    return run_dir / "amax" / f"amax_dict_rank{rank}-mp{world_size}.pt"
+
+
+def amax_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantizer buffer (amax, AWQ pre-quant scales) keyed by module path, on the CPU."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "_quantizer." in k}
+
+
+def save_amax(model: nn.Module, run_dir: Path, rank: int, world_size: int) -> Path:
+    path = amax_path(run_dir, rank, world_size)
+    path.parent.mkdir(exist_ok=True)
+    torch.save(amax_state(model), path)
+    return path
+
+
+def quantizer_lines(model: nn.Module) -> dict[str, str]:
+    """modelopt's quant-summary line of every quantizer on this rank."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: f"{name:80} {mod}" for name, mod in model.named_modules() if isinstance(mod, TensorQuantizer)}
+
+
+def write_quant_summary(per_rank: list[dict[str, str]], run_dir: Path) -> int:
+    """The summary of the whole model: each quantizer once (shards of a tensor-parallel layer show rank 0's)."""
+    merged: dict[str, str] = {}
+    for lines in per_rank:
+        for name, line in lines.items():
+            merged.setdefault(name, line)
+    ordered = [merged[n] for n in sorted(merged, key=natural_key)]
+    (run_dir / ".quant_summary.txt").write_text("\n".join(ordered + [f"{len(ordered)} TensorQuantizers found in model"]) + "\n")
+    return len(ordered)
+
+
+def unquantized_linears(model: nn.Module) -> list[str]:
+    from deepseek_ptq.quant.modules import quantized_linears
+
+    return [name for name, m in quantized_linears(model)
+            if not m.weight_quantizer.is_enabled and not m.input_quantizer.is_enabled]
+
+
+def gather_to_all(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's object, on every rank (one collective, entered by all)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- what tools read
+
+
+def read_finished(run_dir: Path) -> RunMetrics:
+    """metrics.json of a run that finished; one clear error for a folder that is not one, or a run that failed."""
+    metrics = RunMetrics.read(run_dir)
+    if metrics is None:
+        raise UserError(f"{run_dir} is not a run directory (no readable metrics.json)",
+                        fix="pass the folder a calibration run wrote")
+    if metrics.status != "ok":
+        raise UserError(f"run {run_dir} has status {metrics.status!r}: {metrics.error or 'not finished'}",
+                        fix="use a run that finished (status ok in its metrics.json)")
+    return metrics
+
+
+def read_amax(run_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
+    """Every rank's quantizer state in one dict, keyed as saved: the max over the ranks that hold a key (the
+    shards of a tensor-parallel layer hold the same amax after the fixup; a difference is logged)."""
+    merged: dict[str, torch.Tensor] = {}
+    differing = []
+    for rank in range(world_size):
+        path = amax_path(run_dir, rank, world_size)
+        if not path.exists():
+            raise UserError(f"{path} does not exist (world size {world_size})",
+                            fix="the run directory is incomplete: re-run it")
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            if key in merged:
+                if not torch.equal(merged[key], value):
+                    differing.append(key)
+                merged[key] = torch.maximum(merged[key], value)
+            else:
+                merged[key] = value
+    if differing:
+        log.warning("%d amax differ between ranks (their max is used): %s", len(differing), ", ".join(differing[:5]))
+    return merged
