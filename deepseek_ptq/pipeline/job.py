@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,62 +53,83 @@ def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> No
         _run(cfg, run_dir, par, device, tracker)
 
 
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
 def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: wandb_log.Tracker) -> None:
+    """The steps of one rank, in order; every rank enters every collective (the gather) before rank 0 writes."""
     t_start = time.perf_counter()
     rank0 = par.rank == 0
+    timings: dict[str, float] = {}
     args = resolve_args(cfg.model)
     args.check_world_size(par.world_size)
-    t0 = time.perf_counter()
-    ckpt = checkpoint_dir(cfg.model, args, par.world_size)
-    model = build_model(args, ckpt, par, device, progress=rank0)
-    t_load = time.perf_counter() - t0
-    run_eval = eval_enabled(cfg)
-    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if run_eval else 0)
-    mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
-    all_experts = choice(cfg.calib.name) == "all_experts"
-    t_calib = calibrate(model, mtq_cfg, batches.calib, all_experts, device, progress=rank0, fast=cfg.calib.fast)
+    with _timed(timings, "load"):
+        ckpt = checkpoint_dir(cfg.model, args, par.world_size)
+        model = build_model(args, ckpt, par, device, progress=rank0)
+    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if eval_enabled(cfg) else 0)
+    timings["calibrate"] = calibrate(model, build_quant_config(cfg.quant, on_cpu=device.type == "cpu"), batches.calib,
+                                     choice(cfg.calib.name) == "all_experts", device, progress=rank0,
+                                     fast=cfg.calib.fast)
     tokens = {i: moe.token_counts.tolist() for i, moe in model.moe_layers()}  # before evaluation adds its own
-    before = _amax_table(model)
-    report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
-    after = _amax_table(model)
-    missing = missing_amax(model)
+    local = _fixup(model, cfg, par, device)
     save_amax(model, run_dir, par.rank, par.world_size)
-    t0 = time.perf_counter()
-    scores = score_sequences(model, batches.heldout, device, progress=rank0) if run_eval else None
-    eval_metrics = summarize(scores, batches.byte_level) if scores is not None else None
-    t_eval = time.perf_counter() - t0
-
-    local = {"summary": quantizer_lines(model), "before": before, "after": after, "sources": report.sources,
-             "missing": missing, "unquantized": unquantized_linears(model), "synced": report.synced_input_amax,
-             "filled": report.filled_weight_amax, "fixup_s": report.seconds, "collectives": report.collectives,
-             "no_amax_layers": report.layers_without_expert_input_amax}
+    with _timed(timings, "eval"):
+        scores = score_sequences(model, batches.heldout, device, progress=rank0) if eval_enabled(cfg) else None
     gathered = gather_to_all(local, par.world_size)
     if not rank0:
         return
+    counts = _write_model_files(cfg, args, run_dir, gathered)
+    with _timed(timings, "stats"):
+        stats = collect(gathered, tokens, batches.calib_tokens * args.n_activated_experts)
+        write_csv(stats, run_dir / "stats")
+        if scores is not None:
+            write_sequences(scores, batches.byte_level, run_dir / "stats" / SEQUENCES_CSV)
+    with _timed(timings, "plots"):
+        plots = write_plots(stats, run_dir / "plots", title=f"{cfg.model.name}, {cfg.quant.name}, "
+                            f"{choice(cfg.calib.name)}{'+sync' if cfg.calib.sync else ''}, W={par.world_size}")
+    timings["fixup"] = max(g["fixup_s"] for g in gathered)
+    metrics = _ok_metrics(cfg, run_dir, par, device, ckpt, timings, batches.calib_tokens, counts, stats,
+                          summarize(scores, batches.byte_level) if scores is not None else None)
+    _finish(tracker, metrics, stats, plots, run_dir, t_start)
+
+
+def _fixup(model: torch.nn.Module, cfg: Any, par: Parallel, device: torch.device) -> dict[str, Any]:
+    """The fixup, and what this rank contributes to the run directory (gathered on every rank)."""
+    before = _amax_table(model)
+    report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
+    return {"summary": quantizer_lines(model), "before": before, "after": _amax_table(model),
+            "sources": report.sources, "missing": missing_amax(model), "unquantized": unquantized_linears(model),
+            "synced": report.synced_input_amax, "filled": report.filled_weight_amax, "fixup_s": report.seconds,
+            "collectives": report.collectives, "no_amax_layers": report.layers_without_expert_input_amax}
+
+
+def _write_model_files(cfg: Any, args: Any, run_dir: Path, gathered: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0: the quant summary and hf_quant_config.json of the whole model; warnings (or, strict, the error)
+    for quantizers left without amax."""
     n_quantizers = write_quant_summary([g["summary"] for g in gathered], run_dir)
-    missing_all = sorted({m for g in gathered for m in g["missing"]}, key=natural_key)
+    missing = sorted({m for g in gathered for m in g["missing"]}, key=natural_key)
     _write_hf_quant_config(run_dir, cfg, args, sorted({u for g in gathered for u in g["unquantized"]}, key=natural_key))
-    if missing_all:
-        log.warning("%d enabled quantizers have no amax after the fixup: %s", len(missing_all), ", ".join(missing_all[:10]))
+    if missing:
+        log.warning("%d enabled quantizers have no amax after the fixup: %s", len(missing), ", ".join(missing[:10]))
     no_amax_layers = sorted({x for g in gathered for x in g["no_amax_layers"]}, key=natural_key)
     for layer in no_amax_layers:
         log.warning("no rank calibrated any expert input of %s: left without amax", layer)
-    if cfg.calib.strict and (missing_all or no_amax_layers):
-        raise UserError(f"{len(missing_all)} enabled quantizers have no amax after calibration "
-                        f"(first: {', '.join(missing_all[:5])})",
+    if cfg.calib.strict and (missing or no_amax_layers):
+        raise UserError(f"{len(missing)} enabled quantizers have no amax after calibration "
+                        f"(first: {', '.join(missing[:5])})",
                         fix="calibrate on more data (data.num_samples, data.seq_len) or set calib.strict=false")
+    return {"quantizers": n_quantizers, "missing": missing, "no_amax_layers": no_amax_layers,
+            "synced": sum(g["synced"] for g in gathered), "filled": sum(g["filled"] for g in gathered),
+            "collectives": max(g["collectives"] for g in gathered)}
 
-    t0 = time.perf_counter()
-    stats = collect(gathered, tokens, batches.calib_tokens * args.n_activated_experts)
-    write_csv(stats, run_dir / "stats")
-    if scores is not None:
-        write_sequences(scores, batches.byte_level, run_dir / "stats" / SEQUENCES_CSV)
-    t_stats = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plots = write_plots(stats, run_dir / "plots", title=f"{cfg.model.name}, {cfg.quant.name}, {choice(cfg.calib.name)}"
-                        f"{'+sync' if cfg.calib.sync else ''}, W={par.world_size}")
-    t_plots = time.perf_counter() - t0
-    n_calib = batches.calib_tokens
+
+def _ok_metrics(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, ckpt: Path, timings: dict[str, float],
+                n_calib: int, counts: dict[str, Any], stats: Any, eval_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json of the finished run (the keys README lists; pipeline/metrics.py reads them)."""
     metrics = rundir.read_metrics(run_dir)
     metrics.update({
         "status": "ok",
@@ -118,21 +141,26 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
         "model": cfg.model.name,
         "ckpt_dir": str(ckpt),
         "device": str(device),
-        "timings_s": {"load": t_load, "calibrate": t_calib, "fixup": max(g["fixup_s"] for g in gathered),
-                      "eval": t_eval, "stats": t_stats, "plots": t_plots},
+        "timings_s": {k: timings[k] for k in ("load", "calibrate", "fixup", "eval", "stats", "plots")},
         "tokens_calibrated": n_calib,
-        "calib_tokens_per_s": n_calib / t_calib if t_calib > 0 else None,
-        "counts": {"quantizers": n_quantizers,
-                   "synced_input_amax": sum(g["synced"] for g in gathered),
-                   "filled_weight_amax": sum(g["filled"] for g in gathered),
+        "calib_tokens_per_s": n_calib / timings["calibrate"] if timings["calibrate"] > 0 else None,
+        "counts": {"quantizers": counts["quantizers"],
+                   "synced_input_amax": counts["synced"],
+                   "filled_weight_amax": counts["filled"],
                    "uncalibrated_experts": len(stats.summary["experts_without_tokens"]),
-                   "missing_amax": len(missing_all),
-                   "fixup_collectives": max(g["collectives"] for g in gathered)},
+                   "missing_amax": len(counts["missing"]),
+                   "fixup_collectives": counts["collectives"]},
         "stats": stats.summary,
         "eval": eval_metrics,
-        "missing_amax": missing_all,
-        "layers_without_expert_input_amax": no_amax_layers,
+        "missing_amax": counts["missing"],
+        "layers_without_expert_input_amax": counts["no_amax_layers"],
     })
+    return metrics
+
+
+def _finish(tracker: wandb_log.Tracker, metrics: dict[str, Any], stats: Any, plots: Any, run_dir: Path,
+            t_start: float) -> None:
+    """W&B, the end-of-run summary, then status "ok" last: everything else is on disk by then."""
     t0 = time.perf_counter()
     tracker.log_results(metrics, stats, plots, run_dir)
     metrics["timings_s"]["wandb"] = tracker.init_s + time.perf_counter() - t0
@@ -140,7 +168,7 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     metrics["wandb"] = tracker.info
     tracker.update_summary({"timings_s": metrics["timings_s"]})
     print(write_summary(metrics, run_dir), file=sys.stderr)
-    rundir.write_metrics(run_dir, metrics)  # status "ok" goes last: everything else is on disk
+    rundir.write_metrics(run_dir, metrics)
 
 
 def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[str]) -> None:
