@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.load import PACKAGED
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.model.random_init import init_random_
+from deepseek_ptq.model.synthetic import init_random_
 from deepseek_ptq.model.transformer import Transformer
 from deepseek_ptq.pipeline.launch import free_port
 from deepseek_ptq.quant.calibrate import calibrate
