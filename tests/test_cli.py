@@ -250,3 +250,11 @@ def test_in_process_run_puts_back_the_sigterm_handler(tmp_path, cache_dir):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("model", ["deepseek_v3", "deepseek_16b"])
+def test_real_size_model_without_checkpoint_fails_at_once(tmp_path, cache_dir, model):
+    """Not a random 671B model drawn in host memory for minutes: one error naming model.ckpt_dir, in seconds."""
+    result = cli(tmp_path / "run", f"model={model}", "logger=none", timeout=60)
+    assert_failed(result, tmp_path / "run", f"model={model} needs its checkpoint", "model.ckpt_dir")
+    assert "Traceback" not in result.stderr

@@ -101,6 +101,11 @@ def checkpoint_dir(model_cfg: Any, args: ModelArgs, world_size: int) -> Path | R
     cache = Path(model_cfg.cache_dir).expanduser()
     if getattr(model_cfg, "packaged_ckpt", None):
         return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size, cache)
+    if not getattr(model_cfg, "generate_weights", False):
+        # A real-size model without its checkpoint would otherwise be drawn at random in host memory, for minutes.
+        raise UserError(f"model={model_cfg.name} needs its checkpoint: model.ckpt_dir is not set",
+                        fix="set model.ckpt_dir to the converted checkpoint folder (deepseek-ptq-convert makes one "
+                            "from a Hugging Face checkpoint)")
     return ensure_generated_checkpoint(args, model_cfg.seed, world_size, cache)
 
 

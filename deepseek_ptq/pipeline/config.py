@@ -71,8 +71,10 @@ class _ModelBase:
     name: str = MISSING
     # A packaged config (tiny, deepseek_v3, deepseek_16b) or a path to a ModelArgs JSON; None: ckpt_dir/config.json.
     config: str | None = None
-    # Folder of model{rank}-mp{W}.safetensors; None: a seeded checkpoint generated into cache_dir on first use.
+    # Folder of model{rank}-mp{W}.safetensors; None: the packaged checkpoint, or (generate_weights) a seeded one.
     ckpt_dir: str | None = None
+    # No ckpt_dir: generate a seeded checkpoint into cache_dir on first use (small test models: model=tiny_random).
+    generate_weights: bool = False
     # A checkpoint shipped in the package (deepseek_ptq/model/<name>/), used when ckpt_dir is None (model=tiny).
     packaged_ckpt: str | None = None
     seed: int = 0

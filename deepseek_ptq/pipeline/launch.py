@@ -143,7 +143,10 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
         rundir.setup_logging(run_dir, rank, cfg.log_level)
         run_rank(cfg, run_dir, Parallel(rank, world_size, None), device)
     except BaseException as err:
-        log.error("rank %d failed: %s\n%s", rank, err, traceback.format_exc())
+        if isinstance(err, UserError):  # the problem and its fix say it all (metrics.json keeps the traceback)
+            log.error("rank %d failed: %s", rank, err)
+        else:
+            log.error("rank %d failed: %s\n%s", rank, err, traceback.format_exc())
         if run_dir is not None:
             rundir.mark_failed(run_dir, err, rank)
         raise
