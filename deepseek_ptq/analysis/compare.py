@@ -22,7 +22,8 @@ import torch
 from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import write_json
-from deepseek_ptq.observe.evaluate import SEQUENCES_CSV, UNIT_LABELS, read_sequences, standard_error
+from deepseek_ptq.observe.eval_units import SEQUENCES_CSV, UNIT_LABELS
+from deepseek_ptq.observe.evaluate import read_sequences, standard_error
 from deepseek_ptq.observe.stats import QuantizerPath, ratio_summary
 from deepseek_ptq.pipeline.metrics import RunMetrics
 from deepseek_ptq.pipeline.rundir import read_amax, read_finished

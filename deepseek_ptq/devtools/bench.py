@@ -175,6 +175,16 @@ def compose(overrides: list[str]) -> Any:
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+SLICE_DEFAULTS = ["model=ds_v3_slice", "quant=nvfp4", "data=synthetic", "logger=none", "data.batch_size=8",
+                  "data.seq_len=512"]
+
+
+def with_slice_defaults(overrides: list[str]) -> list[str]:
+    """The benchmark's defaults (the 671B slice, 8 x 512 synthetic tokens), except those ``overrides`` set."""
+    chosen = {o.split("=", 1)[0] for o in overrides}
+    return [d for d in SLICE_DEFAULTS if d.split("=", 1)[0] not in chosen] + overrides
+
+
 def quantizer_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -563,10 +573,7 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
     from deepseek_ptq.model.load import checkpoint_dir, resolve_args
     from deepseek_ptq.pipeline.data import make_batches
 
-    defaults = ["model=ds_v3_slice", "quant=nvfp4", "data=synthetic", "logger=none", "data.batch_size=8",
-                "data.seq_len=512"]
-    chosen = {o.split("=", 1)[0] for o in overrides}
-    base = [d for d in defaults if d.split("=", 1)[0] not in chosen] + overrides
+    base = with_slice_defaults(overrides)
     cfg = compose(base + [f"data.num_samples={(2 + max(n_batches, plain_batches)) * _batch_size(base)}"])
     args = resolve_args(cfg.model)
     batches = make_batches(cfg.data, args.vocab_size, str(checkpoint_dir(cfg.model, args, 1)), 0).calib

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deepseek_ptq.devtools.bench import compose, quantizer_amax
+from deepseek_ptq.devtools.bench import compose, quantizer_amax, with_slice_defaults
 
 
 def _calibrate_capturing(cfg: Any, args: Any, batches: list[torch.Tensor], device: torch.device, mode: str,
@@ -129,10 +129,7 @@ def run(overrides: list[str], modes: list[str], n_batches: int, device: torch.de
     from deepseek_ptq.model.load import checkpoint_dir, resolve_args
     from deepseek_ptq.pipeline.data import make_batches
 
-    defaults = ["model=ds_v3_slice", "quant=nvfp4", "data=synthetic", "logger=none", "data.batch_size=8",
-                "data.seq_len=512"]
-    chosen = {o.split("=", 1)[0] for o in overrides}
-    base = [d for d in defaults if d.split("=", 1)[0] not in chosen] + overrides
+    base = with_slice_defaults(overrides)
     cfg = compose(base)
     args = resolve_args(cfg.model)
     batches = make_batches(cfg.data, args.vocab_size, str(checkpoint_dir(cfg.model, args, 1)), 0).calib[:n_batches]

@@ -20,7 +20,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 from tqdm import tqdm
 
-from deepseek_ptq.observe.eval_units import SEQUENCES_CSV, UNIT_LABELS, quality_unit  # noqa: F401 (re-exported)
+from deepseek_ptq.observe.eval_units import quality_unit
 
 
 @contextmanager

@@ -20,7 +20,8 @@ from deepseek_ptq.files import write_json
 from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.observe import wandb_log
-from deepseek_ptq.observe.evaluate import SEQUENCES_CSV, score_sequences, summarize, write_sequences
+from deepseek_ptq.observe.eval_units import SEQUENCES_CSV
+from deepseek_ptq.observe.evaluate import score_sequences, summarize, write_sequences
 from deepseek_ptq.observe.plots import write_plots
 from deepseek_ptq.observe.stats import collect, write_csv
 from deepseek_ptq.observe.summary import write_summary
