@@ -156,32 +156,66 @@ def check_checkpoint(ckpt_dir: Path, world_size: int) -> None:
                         fix="copy or re-create the missing shards")
 
 
-def load_shard(model: nn.Module, ckpt_dir: Path, rank: int, world_size: int, progress: bool = False) -> None:
-    """Copy this rank's shard into the model, checking names, shapes and dtypes first."""
-    path = ckpt_dir / shard_name(rank, world_size)
-    params = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
+class ShardFile:
+    """One rank's shard, opened once: its header checked against the model's parameters before any tensor is
+    read, then tensors copied in by name (all of them, or one layer at a time for streamed calibration).
+
+    ``expected``: name -> (shape, dtype) of every parameter this rank's model holds (a meta-device model gives
+    them without memory)."""
+
+    def __init__(self, ckpt_dir: Path, rank: int, world_size: int,
+                 expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.path = ckpt_dir / shard_name(rank, world_size)
+        self._file = safe_open(str(self.path), framework="pt")
+        self._check(expected)
+
+    def _check(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        keys = set(self._file.keys())
+        missing, unexpected = sorted(set(expected) - keys, key=natural_key), sorted(keys - set(expected), key=natural_key)
         if missing or unexpected:
-            raise UserError(f"{path.name} does not match the model config: "
+            raise UserError(f"{self.path.name} does not match the model config: "
                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}",
                             fix="use the config JSON that was written with this checkpoint")
-        for key in tqdm(sorted(keys), desc=f"load {path.name}", disable=not progress, unit="tensor"):
-            tensor_slice = f.get_slice(key)
-            param = params[key]
-            shape = tuple(tensor_slice.get_shape())
-            if shape != tuple(param.shape):
-                raise UserError(f"{path.name}: {key} has shape {shape}, the model config expects {tuple(param.shape)}",
+        for key, (shape, dtype) in expected.items():
+            tensor_slice = self._file.get_slice(key)
+            stored = tuple(tensor_slice.get_shape())
+            if stored != tuple(shape):
+                raise UserError(f"{self.path.name}: {key} has shape {stored}, the model config expects {tuple(shape)}",
                                 fix="use the config JSON that was written with this checkpoint")
-            tensor = f.get_tensor(key)
-            if tensor.dtype != param.dtype:
-                if tensor.dtype == torch.float8_e4m3fn or param.dtype == torch.float8_e4m3fn:
-                    raise UserError(f"{path.name}: {key} is {tensor.dtype}, the model config expects {param.dtype}",
-                                    fix="set dtype in the config JSON to match the checkpoint (fp8 or bf16)")
-                tensor = tensor.to(param.dtype)
-            param.data.copy_(tensor)
+            fp8 = tensor_slice.get_dtype() == "F8_E4M3"
+            if fp8 != (dtype == torch.float8_e4m3fn):
+                raise UserError(f"{self.path.name}: {key} is {tensor_slice.get_dtype()}, the model config expects {dtype}",
+                                fix="set dtype in the config JSON to match the checkpoint (fp8 or bf16)")
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``keys`` (CPU)."""
+        return {key: self._file.get_tensor(key) for key in keys}
+
+    @torch.no_grad()
+    def copy_into(self, module: nn.Module, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "",
+                  progress: bool = False) -> None:
+        """Copy ``module``'s parameters (named ``prefix`` + their name) from ``tensors`` or from the file."""
+        for name, param in tqdm(list(module.named_parameters()), desc=f"load {self.path.name}", disable=not progress,
+                                unit="tensor"):
+            key = prefix + name
+            tensor = tensors[key] if tensors is not None else self._file.get_tensor(key)
+            param.data.copy_(tensor.to(param.dtype) if tensor.dtype != param.dtype else tensor,
+                             non_blocking=tensor.is_pinned())
+
+    def close(self) -> None:
+        self._file = None  # safe_open closes its file when the handle is dropped
+
+
+def expected_params(model: nn.Module, prefix: str = "") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {prefix + name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters()}
+
+
+def load_shard(model: nn.Module, ckpt_dir: Path, rank: int, world_size: int, progress: bool = False) -> None:
+    """Copy this rank's shard into the model, checking names, shapes and dtypes first."""
+    shard = ShardFile(ckpt_dir, rank, world_size, expected_params(model))
+    shard.copy_into(model, progress=progress)
+    shard.close()
 
 
 class ShardReader:

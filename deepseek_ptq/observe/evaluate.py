@@ -47,27 +47,43 @@ class SequenceScores:
     tokens: int
 
 
+class ScoreAccumulator:
+    """The per-sequence figures of batch after batch, from both models' logits on the same tokens."""
+
+    def __init__(self) -> None:
+        self.kl: list[torch.Tensor] = []
+        self.ce_ref: list[torch.Tensor] = []
+        self.ce_quant: list[torch.Tensor] = []
+        self.agree = self.n = 0
+
+    @torch.no_grad()
+    def add(self, tokens: torch.Tensor, ref_logits: torch.Tensor, quant_logits: torch.Tensor) -> None:
+        targets = tokens[:, 1:].reshape(-1)
+        ref, quant = _next_token_log_probs(ref_logits), _next_token_log_probs(quant_logits)
+        per_seq = (tokens.shape[0], -1)
+        self.kl.append((ref.exp() * (ref - quant)).sum(-1).reshape(per_seq).mean(1))
+        self.ce_ref.append(F.nll_loss(ref, targets, reduction="none").reshape(per_seq).mean(1))
+        self.ce_quant.append(F.nll_loss(quant, targets, reduction="none").reshape(per_seq).mean(1))
+        self.agree += int((ref.argmax(-1) == quant.argmax(-1)).sum())
+        self.n += targets.numel()
+
+    def scores(self) -> SequenceScores:
+        kl, ce_ref, ce_quant = (torch.cat(v).double().cpu() if v else torch.zeros(0, dtype=torch.float64)
+                                for v in (self.kl, self.ce_ref, self.ce_quant))
+        return SequenceScores(kl, ce_ref, ce_quant, self.agree, self.n)
+
+
 @torch.no_grad()
 def score_sequences(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
                     progress: bool = False) -> SequenceScores:
     """The quantized model against its unquantized self on every held-out sequence."""
-    kl_seq, ref_seq, quant_seq = [], [], []
-    agree = n = 0
+    acc = ScoreAccumulator()
     for tokens in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         tokens = tokens.to(device)
-        targets = tokens[:, 1:].reshape(-1)
         with quantizers_disabled(model):
-            ref = _next_token_log_probs(model, tokens)
-        quant = _next_token_log_probs(model, tokens)
-        per_seq = (tokens.shape[0], -1)
-        kl_seq.append((ref.exp() * (ref - quant)).sum(-1).reshape(per_seq).mean(1))
-        ref_seq.append(F.nll_loss(ref, targets, reduction="none").reshape(per_seq).mean(1))
-        quant_seq.append(F.nll_loss(quant, targets, reduction="none").reshape(per_seq).mean(1))
-        agree += int((ref.argmax(-1) == quant.argmax(-1)).sum())
-        n += targets.numel()
-    kl, ce_ref, ce_quant = (torch.cat(v).double().cpu() if v else torch.zeros(0, dtype=torch.float64)
-                            for v in (kl_seq, ref_seq, quant_seq))
-    return SequenceScores(kl, ce_ref, ce_quant, agree, n)
+            ref = model(tokens, logits=True)
+        acc.add(tokens, ref, model(tokens, logits=True))
+    return acc.scores()
 
 
 def summarize(scores: SequenceScores, byte_level: bool) -> dict[str, float | None]:
@@ -118,6 +134,6 @@ def _scaled(value: float | None, scale: float) -> float | None:
     return None if value is None else value * scale
 
 
-def _next_token_log_probs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens, logits=True)[:, :-1]
+def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])

@@ -33,6 +33,18 @@ def format_summary(metrics: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"  eval       KL {ev['kl']:.3g}, top-1 agreement {_pct(ev['top1_agreement'])}, {ce} "
                      f"({ev['tokens']} held-out tokens)")
     lines.append("  time       " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()))
+    streamed = metrics.get("layerwise")
+    if streamed and streamed.get("layers"):
+        resumed = streamed.get("resumed_from_layer")
+        lines.append(f"  layers     {streamed['layers']} streamed{f' (resumed at layer {resumed})' if resumed else ''}; "
+                     f"slowest layer {streamed['slowest_layer']} ({streamed['slowest_layer_s']:.2f} s); reading weights "
+                     f"{streamed['read_s']:.2f} s, of which {_pct(streamed['read_wait_share'])} of the layer time "
+                     "held the stream up")
+    mem = metrics.get("memory") or {}
+    if mem:
+        gpu = mem.get("max_peak_gpu_gb")
+        lines.append(f"  memory     peak host RSS {mem['max_peak_rss_gb']:.2f} GB"
+                     + (f", peak GPU {gpu:.2f} GB" if gpu is not None else "") + " (the largest rank's)")
     wb = metrics.get("wandb")
     if wb:
         lines.append(f"  W&B        {wb['sync_command']}" if wb.get("sync_command") else f"  W&B        {wb.get('url')}")

@@ -102,6 +102,11 @@ class CalibConfig:
     sync: bool = True  # peer-max expert input amax after top-k calibration
     strict: bool = False  # an enabled quantizer left without amax fails the run
     fast: bool = True  # grouped-GEMM calibration; false: the plain reference path, one modelopt call per expert
+    # One layer on the device at a time, streamed from the checkpoint (pipeline/stream.py): the same amax as the
+    # resident run in the memory of one layer.
+    layerwise: bool = False
+    resume: bool = False  # layerwise: continue a stopped run in the same hydra.run.dir from its last saved layer
+    resume_every: int = 1  # layerwise: save the resume state every N layers (0: never)
 
 
 @dataclass

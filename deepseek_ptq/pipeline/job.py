@@ -1,4 +1,4 @@
-"""One rank's run: model shard -> calibration -> fixup -> outputs (rank 0 writes what is shared)."""
+"""One rank's run: calibration (resident or layer-streamed) -> outputs (rank 0 writes what is shared)."""
 
 from __future__ import annotations
 
@@ -11,41 +11,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from modelopt.torch.quantization.nn import TensorQuantizer
 from omegaconf import OmegaConf
 
 from deepseek_ptq.common import choice, natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import write_json
-from deepseek_ptq.model.load import build_model, checkpoint_dir, resolve_args
+from deepseek_ptq.model.load import checkpoint_dir, resolve_args
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.observe import wandb_log
+from deepseek_ptq.observe import memory, wandb_log
 from deepseek_ptq.observe.eval_units import SEQUENCES_CSV
-from deepseek_ptq.observe.evaluate import score_sequences, summarize, write_sequences
+from deepseek_ptq.observe.evaluate import summarize, write_sequences
+from deepseek_ptq.observe.layer_timings import layer_summary
 from deepseek_ptq.observe.plots import write_plots
 from deepseek_ptq.observe.stats import collect, write_csv
 from deepseek_ptq.observe.summary import write_summary
-from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.pipeline import resume, rundir
+from deepseek_ptq.pipeline.calibrated import calibrate_resident
 from deepseek_ptq.pipeline.config import eval_enabled
 from deepseek_ptq.pipeline.data import make_batches
-from deepseek_ptq.pipeline.rundir import (
-    gather_to_all,
-    quantizer_lines,
-    save_amax,
-    unquantized_linears,
-    write_quant_summary,
-)
-from deepseek_ptq.quant.calibrate import calibrate
-from deepseek_ptq.quant.fixup import fixup, has_amax, missing_amax
+from deepseek_ptq.pipeline.rundir import gather_to_all, save_amax, write_quant_summary
+from deepseek_ptq.pipeline.stream import calibrate_streamed
 from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
 
 log = logging.getLogger(__name__)
-
-
-def _amax_table(model: torch.nn.Module) -> dict[str, float]:
-    """Max of each quantizer's amax (scalar for per-tensor formats)."""
-    return {n: float(m.amax.float().max()) for n, m in model.named_modules()
-            if isinstance(m, TensorQuantizer) and has_amax(m)}
 
 
 def run_rank(cfg: Any, run_dir: Path, par: Parallel, device: torch.device) -> None:
@@ -65,47 +53,42 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     """The steps of one rank, in order; every rank enters every collective (the gather) before rank 0 writes."""
     t_start = time.perf_counter()
     rank0 = par.rank == 0
-    timings: dict[str, float] = {}
+    memory.reset_peaks(device)
     args = resolve_args(cfg.model)
     args.check_world_size(par.world_size)
-    with _timed(timings, "load"):
-        ckpt = checkpoint_dir(cfg.model, args, par.world_size)
-        model = build_model(args, ckpt, par, device, progress=rank0)
-    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if eval_enabled(cfg) else 0)
-    timings["calibrate"] = calibrate(model, build_quant_config(cfg.quant, on_cpu=device.type == "cpu"), batches.calib,
-                                     choice(cfg.calib.name) == "all_experts", device, progress=rank0,
-                                     fast=cfg.calib.fast)
-    tokens = {i: moe.token_counts.tolist() for i, moe in model.moe_layers()}  # before evaluation adds its own
-    local = _fixup(model, cfg, par, device)
-    save_amax(model, run_dir, par.rank, par.world_size)
-    with _timed(timings, "eval"):
-        scores = score_sequences(model, batches.heldout, device, progress=rank0) if eval_enabled(cfg) else None
-    gathered = gather_to_all(local, par.world_size)
+    ckpt = checkpoint_dir(cfg.model, args, par.world_size)
+    evaluate = eval_enabled(cfg)
+    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if evaluate else 0)
+    mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
+    if cfg.calib.layerwise:
+        result = calibrate_streamed(cfg, args, ckpt, par, device, batches, mtq_cfg, evaluate, run_dir)
+    else:
+        result = calibrate_resident(cfg, args, ckpt, par, device, batches, mtq_cfg, evaluate)
+    save_amax(result.amax, run_dir, par.rank, par.world_size)
+    gathered = gather_to_all({**result.record, "memory": memory.peaks(device), "layers": result.layers},
+                             par.world_size)
     if not rank0:
         return
+    timings = dict(result.timings)
     counts = _write_model_files(cfg, args, run_dir, gathered)
     with _timed(timings, "stats"):
-        stats = collect(gathered, tokens, batches.calib_tokens * args.n_activated_experts)
+        stats = collect(gathered, result.tokens, batches.calib_tokens * args.n_activated_experts)
         write_csv(stats, run_dir / "stats")
-        if scores is not None:
-            write_sequences(scores, batches.byte_level, run_dir / "stats" / SEQUENCES_CSV)
+        if result.scores is not None:
+            write_sequences(result.scores, batches.byte_level, run_dir / "stats" / SEQUENCES_CSV)
+        streamed = layer_summary(gathered, run_dir / "stats") if cfg.calib.layerwise else None
     with _timed(timings, "plots"):
         plots = write_plots(stats, run_dir / "plots", title=f"{cfg.model.name}, {cfg.quant.name}, "
                             f"{choice(cfg.calib.name)}{'+sync' if cfg.calib.sync else ''}, W={par.world_size}")
     timings["fixup"] = max(g["fixup_s"] for g in gathered)
     metrics = _ok_metrics(cfg, run_dir, par, device, ckpt, timings, batches.calib_tokens, counts, stats,
-                          summarize(scores, batches.byte_level) if scores is not None else None)
+                          summarize(result.scores, batches.byte_level) if result.scores is not None else None)
+    metrics["memory"] = memory.per_rank(g["memory"] for g in gathered)
+    if streamed is not None:
+        metrics["layerwise"] = {**streamed, "resumed_from_layer": result.resumed_from or None}
     _finish(tracker, metrics, stats, plots, run_dir, t_start)
-
-
-def _fixup(model: torch.nn.Module, cfg: Any, par: Parallel, device: torch.device) -> dict[str, Any]:
-    """The fixup, and what this rank contributes to the run directory (gathered on every rank)."""
-    before = _amax_table(model)
-    report = fixup(model, par, sync_experts=cfg.calib.sync, device=device)
-    return {"summary": quantizer_lines(model), "before": before, "after": _amax_table(model),
-            "sources": report.sources, "missing": missing_amax(model), "unquantized": unquantized_linears(model),
-            "synced": report.synced_input_amax, "filled": report.filled_weight_amax, "fixup_s": report.seconds,
-            "collectives": report.collectives, "no_amax_layers": report.layers_without_expert_input_amax}
+    if cfg.calib.layerwise:
+        resume.remove(run_dir)
 
 
 def _write_model_files(cfg: Any, args: Any, run_dir: Path, gathered: list[dict[str, Any]]) -> dict[str, Any]:

@@ -90,10 +90,11 @@ def amax_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if "_quantizer." in k}
 
 
-def save_amax(model: nn.Module, run_dir: Path, rank: int, world_size: int) -> Path:
+def save_amax(state: dict[str, torch.Tensor], run_dir: Path, rank: int, world_size: int) -> Path:
+    """This rank's quantizer state (``amax_state``'s dict) as the run directory keeps it."""
     path = amax_path(run_dir, rank, world_size)
     path.parent.mkdir(exist_ok=True)
-    torch.save(amax_state(model), path)
+    torch.save(state, path)
     return path
 
 

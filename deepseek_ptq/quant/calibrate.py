@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -119,16 +120,49 @@ def _non_finite_error(where: str) -> UserError:
                      fix="check the checkpoint and the compute dtype (model activations overflow)")
 
 
+def insert_quantizers(model: nn.Module, mtq_cfg: dict[str, Any]) -> None:
+    """Convert the model's linears and set their quantizers as the config says, calibrating nothing (the ends of
+    a layer-streamed run: the embedding has no quantizer and the rules keep the head's off)."""
+    from modelopt.torch.opt import apply_mode
+    from modelopt.torch.quantization.mode import QuantizeModeRegistry
+
+    from deepseek_ptq.quant import modules
+
+    modules.register()
+    apply_mode(model, mode=[("quantize", dict(mtq_cfg))], registry=QuantizeModeRegistry)
+
+
+@contextlib.contextmanager
+def _one_piece_of_the_model() -> Iterator[None]:
+    """modelopt refuses a model in which no weight quantizer is enabled; one layer of a streamed run may rightly
+    have none (a recipe for the experts only, on a dense layer). The stream checks the whole model itself."""
+    key = "MODELOPT_SKIP_WEIGHT_QUANT_CHECK"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
 def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Tensor], all_experts: bool,
               device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None,
-              fast: bool = True, fast_options: FastOptions | None = None) -> float:
+              fast: bool = True, fast_options: FastOptions | None = None,
+              on_output: Callable[[int, torch.Tensor], None] | None = None, piece: bool = False) -> float:
     """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
 
     ``fast``: the grouped-GEMM path of quant/fast/ where the format allows it (same amax as the plain
     path, one modelopt call per expert, which ``fast=False`` forces); ``fast_options``: its
     ``quant.fast.FastOptions`` (None: the defaults).
 
-    ``on_batch(i)`` runs after batch i has finished on the device (benchmarks time batches with it).
+    ``on_batch(i)`` runs after batch i has finished on the device (benchmarks time batches with it);
+    ``on_output(i, y)`` receives the model's output for batch i (layer-streamed calibration keeps a block's
+    outputs as the next block's inputs). The batches are whatever the model's forward takes: token ids for
+    the whole model, hidden states for one block (``piece``: one part of the model, which may rightly have no
+    enabled weight quantizer).
     """
     import modelopt.torch.quantization as mtq
 
@@ -158,12 +192,15 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
             for i, tokens in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
                 tokens = tokens.to(device)
                 try:
-                    finite = bool(torch.isfinite(m(tokens, logits=False)).all())
+                    output = m(tokens, logits=False)
+                    finite = bool(torch.isfinite(output).all())
                 except NonFiniteActivations:
                     finite = False  # a quantizer refused a non-finite input: name the module below
                 if not finite:
                     bad_batch = tokens
                     break
+                if on_output is not None:
+                    on_output(i, output)
                 if on_batch is not None:
                     on_batch(i)
             else:
@@ -178,7 +215,8 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
             raise _non_finite_error(first_non_finite_module(m, bad_batch))
 
     start = time.perf_counter()
-    mtq.quantize(model, mtq_cfg, forward_loop)
+    with _one_piece_of_the_model() if piece else contextlib.nullcontext():
+        mtq.quantize(model, mtq_cfg, forward_loop)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -1,0 +1,37 @@
+"""Per-layer timings of a layer-streamed run: ``stats/layers.csv`` and the figures the summary names."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "fixup_s", "eval_s")
+
+
+def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, Any]:
+    """Each layer's seconds, the slowest rank's (every rank waits for it at the layer's fixup), written as
+    ``layers.csv``; returns the slowest layer and the share of the layer time spent reading weights."""
+    by_layer: dict[int, dict[str, float]] = {}
+    for g in gathered:
+        for entry in g["layers"]:
+            row = by_layer.setdefault(entry["layer"], {k: 0.0 for k in COLUMNS[1:]})
+            for key in COLUMNS[1:]:
+                row[key] = max(row[key], entry[key])
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    with open(stats_dir / "layers.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for layer in sorted(by_layer):
+            writer.writerow([layer] + [f"{by_layer[layer][k]:.4f}" for k in COLUMNS[1:]])
+    if not by_layer:
+        return {"layers": 0}
+    totals = {layer: row["load_s"] + row["calibrate_s"] + row["fixup_s"] + row["eval_s"] for layer, row in by_layer.items()}
+    slowest = max(totals, key=totals.get)
+    layer_time = sum(totals.values())
+    read = sum(row["read_s"] for row in by_layer.values())
+    wait = sum(row["read_wait_s"] for row in by_layer.values())
+    return {"layers": len(by_layer), "slowest_layer": slowest, "slowest_layer_s": totals[slowest],
+            "layer_s": layer_time, "read_s": read, "read_wait_s": wait,
+            # reading runs beside the compute: the share that held the stream up is the wait's
+            "read_wait_share": wait / layer_time if layer_time > 0 else 0.0}

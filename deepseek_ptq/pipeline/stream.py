@@ -1,0 +1,209 @@
+"""Layer-streamed calibration (``calib.layerwise=true``): one block of this rank's shard on the device at a time.
+
+The embedding runs once over every batch; then, layer by layer: read the layer's tensors (on a background
+thread, while the previous layer computes), build and quantize it, run every calibration batch through it
+(its outputs, computed with the quantizers observing and not quantizing, exactly as in the resident run,
+become the next layer's inputs), run the fixup on it (every rank, every layer: the same collectives as the
+resident run's, one per layer), run the held-out batches through it twice (quantizers off and on), keep its
+amax and free it. Max calibration of a layer needs only its weights and its inputs, so the amax are those of
+the resident run (tests/test_layerwise.py checks them bit for bit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from deepseek_ptq.common import choice
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.checkpoint import ShardFile, expected_params
+from deepseek_ptq.model.load import RandomWeights
+from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.model.pieces import Ends, LayerPiece
+from deepseek_ptq.model.synthetic import init_random_
+from deepseek_ptq.observe.evaluate import ScoreAccumulator, quantizers_disabled
+from deepseek_ptq.pipeline import resume
+from deepseek_ptq.pipeline.calibrated import Calibrated, fixup_record, merge_records
+from deepseek_ptq.pipeline.data import Batches
+from deepseek_ptq.pipeline.rundir import amax_state
+from deepseek_ptq.quant.calibrate import calibrate, insert_quantizers
+from deepseek_ptq.quant.fixup import leaf_quantizers
+from deepseek_ptq.quant.modules import quantized_linears
+from deepseek_ptq.quant.recipes import algorithm_method
+
+log = logging.getLogger(__name__)
+
+
+class LayerSource:
+    """Where a piece's weights come from: this rank's shard (read ahead on a thread), or a seeded draw."""
+
+    def __init__(self, ckpt: Path | RandomWeights, args: ModelArgs, par: Parallel, device: torch.device) -> None:
+        self.args, self.par, self.device = args, par, device
+        self.random = ckpt if isinstance(ckpt, RandomWeights) else None
+        self.shard: ShardFile | None = None
+        if self.random is None:
+            # Every layer's names, shapes and dtypes are checked against the file's header before any compute:
+            # a shard lacking one tensor fails now, naming it, not hours later at its layer.
+            expected = expected_params(self._meta_ends())
+            for i in range(args.n_layers):
+                expected |= expected_params(self._meta_layer(i))
+            self.shard = ShardFile(ckpt, par.rank, par.world_size, expected)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        self._pending: dict[int, Future] = {}
+
+    def _meta_layer(self, i: int) -> LayerPiece:
+        with torch.device("meta"):
+            return LayerPiece(self.args, i, self.par)
+
+    def _meta_ends(self) -> Ends:
+        with torch.device("meta"):
+            return Ends(self.args, self.par)
+
+    def _read(self, keys: list[str]) -> tuple[dict[str, torch.Tensor], float]:
+        start = time.perf_counter()
+        assert self.shard is not None
+        tensors = self.shard.read(keys)
+        if self.device.type == "cuda":  # pinned: the copy to the device runs without staging
+            tensors = {k: t.pin_memory() for k, t in tensors.items()}
+        return tensors, time.perf_counter() - start
+
+    def prefetch(self, i: int) -> None:
+        """Start reading layer ``i`` (nothing to read for drawn weights)."""
+        if self.shard is not None and i < self.args.n_layers and i not in self._pending:
+            self._pending[i] = self._pool.submit(self._read, list(expected_params(self._meta_layer(i))))
+
+    def ends(self) -> Ends:
+        with torch.device(self.device):
+            ends = Ends(self.args, self.par)
+        self._fill(ends, self.shard.read(list(expected_params(ends))) if self.shard is not None else None)
+        return ends.eval()
+
+    def layer(self, i: int) -> tuple[LayerPiece, dict[str, float]]:
+        """Layer ``i`` on the device with its weights, and the seconds spent reading it and waiting for the read."""
+        self.prefetch(i)
+        start = time.perf_counter()
+        tensors, read_s = self._pending.pop(i).result() if self.shard is not None else (None, 0.0)
+        wait_s = time.perf_counter() - start
+        with torch.device(self.device):
+            piece = LayerPiece(self.args, i, self.par)
+        self._fill(piece, tensors)
+        return piece.eval(), {"read_s": read_s, "read_wait_s": wait_s}
+
+    def _fill(self, piece: torch.nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+        if self.random is not None:
+            init_random_(piece, self.random.seed)
+        else:
+            assert self.shard is not None and tensors is not None
+            self.shard.copy_into(piece, tensors)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.shard is not None:
+            self.shard.close()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, par: Parallel, device: torch.device,
+                       batches: Batches, mtq_cfg: dict[str, Any], evaluate: bool, run_dir: Path) -> Calibrated:
+    """This rank's shard calibrated layer by layer (see the module docstring); every rank runs every layer."""
+    if algorithm_method(mtq_cfg) != "max":
+        raise UserError(f"calib.layerwise=true calibrates with max statistics; algorithm "
+                        f"{algorithm_method(mtq_cfg)!r} is not supported layer by layer yet",
+                        fix="set calib.layerwise=false (the resident run) for this recipe")
+    rank0 = par.rank == 0
+    all_experts = choice(cfg.calib.name) == "all_experts"
+    digest = resume.fingerprint(cfg)
+    timings = {"load": 0.0, "calibrate": 0.0, "eval": 0.0}
+    start = time.perf_counter()
+    source = LayerSource(ckpt, args, par, device)
+    try:
+        ends = source.ends()
+        # The ends hold the head, whose quantizers the rules keep off: converted all the same, so that the
+        # summary, the amax state and the excluded modules list what the resident run lists.
+        insert_quantizers(ends, mtq_cfg)
+        record_ends = fixup_record(ends, par, cfg.calib.sync, device)
+        state = resume.load(run_dir, par.rank, par.world_size, digest, device) if cfg.calib.resume else None
+        if state is None:
+            if cfg.calib.resume:
+                log.warning("calib.resume=true but %s holds no resume state: starting from layer 0",
+                            run_dir / resume.RESUME_DIR)
+            hidden = [ends(b.to(device)) for b in batches.calib]
+            heldout = [ends(b.to(device)) for b in batches.heldout] if evaluate else []
+            state = resume.StreamState(0, amax_state(ends), [record_ends], {}, hidden, list(heldout), heldout)
+        else:
+            log.info("resuming at layer %d of %d from %s", state.next_layer, args.n_layers, run_dir / resume.RESUME_DIR)
+        resumed_from = state.next_layer
+        timings["load"] += time.perf_counter() - start
+        _stream_layers(cfg, source, state, par, device, mtq_cfg, all_experts, evaluate, run_dir, digest, rank0)
+        for entry in state.layers:
+            for key in ("load", "calibrate", "eval"):
+                timings[key] += entry[f"{key}_s"]
+        scores = None
+        if evaluate:
+            t0 = time.perf_counter()
+            acc = ScoreAccumulator()
+            for tokens, ref, quant in zip(batches.heldout, state.heldout_ref, state.heldout_quant):
+                acc.add(tokens.to(device), ends.logits(ref), ends.logits(quant))
+            scores = acc.scores()
+            timings["eval"] += time.perf_counter() - t0
+    finally:
+        source.close()
+    return Calibrated(state.amax, merge_records(state.records), state.tokens, scores, timings, state.layers,
+                      resumed_from)
+
+
+def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par: Parallel, device: torch.device,
+                   mtq_cfg: dict[str, Any], all_experts: bool, evaluate: bool, run_dir: Path, digest: str,
+                   rank0: bool) -> None:
+    n_layers = source.args.n_layers
+    every = cfg.calib.resume_every
+    hidden = state.hidden
+
+    def keep(i: int, output: torch.Tensor) -> None:
+        hidden[i] = output  # the input of batch i is no longer needed: one set of hidden states at a time
+
+    weights_quantized = state.next_layer > 0  # a resumed run checked its first layers
+    bar = tqdm(range(state.next_layer, n_layers), desc="layers", unit="layer", disable=not rank0,
+               initial=state.next_layer, total=n_layers)
+    for i in bar:
+        t0 = time.perf_counter()
+        piece, read = source.layer(i)
+        source.prefetch(i + 1)  # read while this layer computes
+        _synchronize(device)
+        load_s = time.perf_counter() - t0
+        calibrate_s = calibrate(piece, mtq_cfg, hidden, all_experts, device, progress=False, fast=cfg.calib.fast,
+                                on_output=keep, piece=True)
+        weights_quantized = weights_quantized or any(q.is_enabled for _, m in quantized_linears(piece)
+                                                     for q in leaf_quantizers(m.weight_quantizer))
+        state.tokens.update({j: moe.token_counts.tolist() for j, moe in piece.moe_layers()})
+        record = fixup_record(piece, par, cfg.calib.sync, device)
+        state.records.append(record)
+        state.amax.update(amax_state(piece))
+        t0 = time.perf_counter()
+        if evaluate:
+            with quantizers_disabled(piece):
+                state.heldout_ref = [piece(h) for h in state.heldout_ref]
+            state.heldout_quant = [piece(h) for h in state.heldout_quant]
+            _synchronize(device)
+        eval_s = time.perf_counter() - t0
+        del piece
+        state.layers.append({"layer": i, "load_s": load_s, "calibrate_s": calibrate_s, "fixup_s": record["fixup_s"],
+                             "eval_s": eval_s, **read})
+        state.next_layer = i + 1
+        if every > 0 and (state.next_layer % every == 0 or state.next_layer == n_layers):
+            resume.save(run_dir, par.rank, par.world_size, digest, state)
+    if not weights_quantized:  # modelopt's own check, which the pieces skip, for the whole model
+        raise UserError(f"quant={cfg.quant.name} enabled no weight quantizer in any layer: nothing was quantized",
+                        fix="check the quant group's patterns against the model's module names")
