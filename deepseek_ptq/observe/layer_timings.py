@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "fixup_s", "eval_s")
+# forward_s: the part of calibrate_s spent in the passes over the batches (the rest: modelopt's conversion)
+COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "forward_s", "fixup_s", "eval_s")
 
 
 def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, Any]:
@@ -33,5 +34,6 @@ def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, 
     wait = sum(row["read_wait_s"] for row in by_layer.values())
     return {"layers": len(by_layer), "slowest_layer": slowest, "slowest_layer_s": totals[slowest],
             "layer_s": layer_time, "read_s": read, "read_wait_s": wait,
+            "forward_s": sum(row["forward_s"] for row in by_layer.values()),
             # reading runs beside the compute: the share that held the stream up is the wait's
             "read_wait_share": wait / layer_time if layer_time > 0 else 0.0}

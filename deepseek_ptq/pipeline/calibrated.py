@@ -39,9 +39,12 @@ class Calibrated:
 
 
 def _amax_table(model: torch.nn.Module) -> dict[str, float]:
-    """Max of each quantizer's amax (scalar for per-tensor formats)."""
-    return {n: float(m.amax.float().max()) for n, m in model.named_modules()
-            if isinstance(m, TensorQuantizer) and has_amax(m)}
+    """Max of each quantizer's amax (scalar for per-tensor formats), read back in one transfer."""
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and has_amax(m)]
+    if not named:
+        return {}
+    values = torch.stack([m.amax.float().max() for _, m in named]).tolist()
+    return {n: v for (n, _), v in zip(named, values)}
 
 
 def fixup_record(model: torch.nn.Module, par: Parallel, sync: bool, device: torch.device) -> dict[str, Any]:

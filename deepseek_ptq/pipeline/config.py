@@ -107,6 +107,9 @@ class CalibConfig:
     layerwise: bool = False
     resume: bool = False  # layerwise: continue a stopped run in the same hydra.run.dir from its last saved layer
     resume_every: int = 1  # layerwise: save the resume state every N layers (0: never)
+    # layerwise on a GPU: keep the calibration hidden states in pinned host memory, moved batch by batch (the
+    # device then holds one layer and one batch; 1024 x 512 tokens of the 671B model are 7.5 GB)
+    hidden_on_host: bool = False
 
 
 @dataclass

@@ -25,7 +25,7 @@ from deepseek_ptq.files import atomic_write
 RESUME_DIR = "resume"
 KEEP = 2
 # Keys that may differ between a run and its resume: where it logs, and the resume switches themselves.
-_FREE = ("logger", "log_level", "calib.resume", "calib.resume_every")
+_FREE = ("logger", "log_level", "calib.resume", "calib.resume_every", "calib.hidden_on_host")
 
 
 @dataclass

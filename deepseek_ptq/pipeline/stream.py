@@ -11,6 +11,7 @@ the resident run (tests/test_layerwise.py checks them bit for bit).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -114,6 +115,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _on_host(h: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy: the device copies it in (and the next layer's output back) without staging."""
+    return torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=torch.cuda.is_available()).copy_(h)
+
+
 @torch.no_grad()
 def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, par: Parallel, device: torch.device,
                        batches: Batches, mtq_cfg: dict[str, Any], evaluate: bool, run_dir: Path) -> Calibrated:
@@ -144,6 +150,9 @@ def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, pa
             state = resume.StreamState(0, amax_state(ends), [record_ends], {}, hidden, list(heldout), heldout)
         else:
             log.info("resuming at layer %d of %d from %s", state.next_layer, args.n_layers, run_dir / resume.RESUME_DIR)
+        if cfg.calib.hidden_on_host and device.type == "cuda":
+            state.hidden = [_on_host(h) for h in state.hidden]
+            _synchronize(device)
         resumed_from = state.next_layer
         timings["load"] += time.perf_counter() - start
         _stream_layers(cfg, source, state, par, device, mtq_cfg, all_experts, evaluate, run_dir, digest, rank0)
@@ -172,7 +181,12 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
     hidden = state.hidden
 
     def keep(i: int, output: torch.Tensor) -> None:
-        hidden[i] = output  # the input of batch i is no longer needed: one set of hidden states at a time
+        # The input of batch i is no longer needed: one set of hidden states at a time. On the host, the output
+        # goes back into the input's pinned buffer, after the compute that read it (one CUDA stream orders both).
+        if hidden[i].device == output.device:
+            hidden[i] = output
+        else:
+            hidden[i].copy_(output, non_blocking=True)
 
     weights_quantized = state.next_layer > 0  # a resumed run checked its first layers
     bar = tqdm(range(state.next_layer, n_layers), desc="layers", unit="layer", disable=not rank0,
@@ -183,8 +197,9 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
         source.prefetch(i + 1)  # read while this layer computes
         _synchronize(device)
         load_s = time.perf_counter() - t0
+        phases: dict[str, float] = {}
         calibrate_s = calibrate(piece, mtq_cfg, hidden, all_experts, device, progress=False, fast=cfg.calib.fast,
-                                on_output=keep, piece=True)
+                                on_output=keep, piece=True, phases=phases)
         weights_quantized = weights_quantized or any(q.is_enabled for _, m in quantized_linears(piece)
                                                      for q in leaf_quantizers(m.weight_quantizer))
         state.tokens.update({j: moe.token_counts.tolist() for j, moe in piece.moe_layers()})
@@ -199,10 +214,12 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
             _synchronize(device)
         eval_s = time.perf_counter() - t0
         del piece
+        gc.collect()  # modelopt's modules hold reference cycles: free this layer before the next one is built
         state.layers.append({"layer": i, "load_s": load_s, "calibrate_s": calibrate_s, "fixup_s": record["fixup_s"],
-                             "eval_s": eval_s, **read})
+                             "eval_s": eval_s, "forward_s": phases.get("forward_s", 0.0), **read})
         state.next_layer = i + 1
         if every > 0 and (state.next_layer % every == 0 or state.next_layer == n_layers):
+            _synchronize(device)  # the hidden states copied back to the host are complete
             resume.save(run_dir, par.rank, par.world_size, digest, state)
     if not weights_quantized:  # modelopt's own check, which the pieces skip, for the whole model
         raise UserError(f"quant={cfg.quant.name} enabled no weight quantizer in any layer: nothing was quantized",

@@ -30,14 +30,22 @@ warnings.filterwarnings("ignore", message="Cannot find transformers package")
 
 @torch.no_grad()
 def check_finite_weights(model: nn.Module) -> None:
-    """NaN or inf in a weight is named here, not found later as a NaN amax deep inside modelopt."""
-    bad = []
+    """NaN or inf in a weight is named here, not found later as a NaN amax deep inside modelopt.
+
+    One flag per tensor, read back once (a host sync per tensor costs seconds at 671B scale)."""
+    names: list[str] = []
+    finite: list[torch.Tensor] = []
     for name, module in model.named_modules():
         if isinstance(module, Linear):
-            if not torch.isfinite(module.dequantized_weight()).all():
-                bad.append(f"{name}.weight")
+            names.append(f"{name}.weight")
+            finite.append(torch.isfinite(module.dequantized_weight()).all())
         elif name.endswith(("norm", "gate", "embed")):
-            bad += [f"{name}.{p}" for p, t in module.named_parameters(recurse=False) if not torch.isfinite(t.float()).all()]
+            for p, t in module.named_parameters(recurse=False):
+                names.append(f"{name}.{p}")
+                finite.append(torch.isfinite(t.float()).all())
+    if not finite:
+        return
+    bad = [n for n, ok in zip(names, torch.stack(finite).tolist()) if not ok]
     if bad:
         raise UserError(f"non-finite values (NaN or inf) in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}",
                         fix="the checkpoint is corrupt: re-convert or re-download these tensors")
@@ -151,7 +159,8 @@ def _one_piece_of_the_model() -> Iterator[None]:
 def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Tensor], all_experts: bool,
               device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None,
               fast: bool = True, fast_options: FastOptions | None = None,
-              on_output: Callable[[int, torch.Tensor], None] | None = None, piece: bool = False) -> float:
+              on_output: Callable[[int, torch.Tensor], None] | None = None, piece: bool = False,
+              phases: dict[str, float] | None = None) -> float:
     """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
 
     ``fast``: the grouped-GEMM path of quant/fast/ where the format allows it (same amax as the plain
@@ -162,7 +171,8 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
     ``on_output(i, y)`` receives the model's output for batch i (layer-streamed calibration keeps a block's
     outputs as the next block's inputs). The batches are whatever the model's forward takes: token ids for
     the whole model, hidden states for one block (``piece``: one part of the model, which may rightly have no
-    enabled weight quantizer).
+    enabled weight quantizer). ``phases`` gets ``forward_s``, the seconds of the passes over the batches (the
+    rest of the returned time is modelopt's conversion and bookkeeping).
     """
     import modelopt.torch.quantization as mtq
 
@@ -188,6 +198,7 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         # Some algorithms (AWQ) run the loop more than once: the counts describe one pass over the data.
         reset_token_counts(m)
         bad_batch = None
+        loop_start = time.perf_counter()
         with guard_quantizers(m), calibration_path(m) as path:
             for i, tokens in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
                 tokens = tokens.to(device)
@@ -209,6 +220,10 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
                 except NonFiniteActivations as err:
                     _stop_statistics(m)
                     raise _non_finite_error(err.where or "(unknown)") from None
+        if phases is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            phases["forward_s"] = phases.get("forward_s", 0.0) + time.perf_counter() - loop_start
         if bad_batch is not None:
             # Outside the block: the hunt runs the plain top-k path, one call per expert, statistics stopped.
             _stop_statistics(m)

@@ -1,0 +1,158 @@
+"""Layer-streamed calibration (calib.layerwise): the resident run's numbers, one layer in memory at a time."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_amax, run_job, with_fast
+from safetensors.torch import load_file, save_file
+from test_cli import assert_failed, cli, metrics
+
+from deepseek_ptq.model.checkpoint import shard_name
+from deepseek_ptq.model.load import PACKAGE_DIR
+
+EVAL = ["eval.enabled=true", "eval.num_samples=4"]
+
+
+def assert_same_run(resident: Path, streamed: Path) -> None:
+    """Every amax bit for bit, the same summary, evaluation and expert statistics."""
+    a, b = load_amax(resident), load_amax(streamed)
+    assert a.keys() == b.keys() and a
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert (resident / ".quant_summary.txt").read_text() == (streamed / ".quant_summary.txt").read_text()
+    assert json.loads((resident / "hf_quant_config.json").read_text()) == json.loads((streamed / "hf_quant_config.json").read_text())
+    ma, mb = metrics(resident), metrics(streamed)
+    assert ma["eval"] == mb["eval"]
+    assert ma["stats"] == mb["stats"] and ma["counts"]["quantizers"] == mb["counts"]["quantizers"]
+    for name in ("amax.csv", "experts.csv"):
+        if (resident / "stats" / name).exists():
+            assert (resident / "stats" / name).read_text() == (streamed / "stats" / name).read_text(), name
+
+
+@pytest.mark.parametrize("overrides", [
+    ["quant=nvfp4", "calib=topk"],
+    ["quant=nvfp4", "calib=topk", "calib.sync=false"],
+    ["quant=nvfp4", "calib=all_experts"],
+    ["quant=fp8", "calib=topk"],
+    ["quant=fp8", "calib=all_experts", "calib.fast=false"],
+], ids=["nvfp4-topk", "nvfp4-topk-nosync", "nvfp4-all_experts", "fp8-topk", "fp8-all_experts-plain"])
+def test_streamed_run_equals_resident_run(tmp_path, cache_dir, overrides):
+    resident = run_job(tmp_path / "resident", [*EVAL, *overrides])
+    streamed = run_job(tmp_path / "streamed", [*EVAL, *overrides, "calib.layerwise=true"])
+    assert_same_run(resident, streamed)
+    m = metrics(streamed)
+    assert m["layerwise"]["layers"] == 4 and m["layerwise"]["resumed_from_layer"] is None
+    with open(streamed / "stats" / "layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["layer"]) for r in rows] == [0, 1, 2, 3] and all(float(r["calibrate_s"]) > 0 for r in rows)
+    assert m["memory"]["peak_rss_gb"][0] > 0 and "peak_gpu_gb" in m["memory"]
+    assert not (streamed / "resume").exists()  # a finished run keeps no resume state
+
+
+def test_every_run_reports_peak_memory(tmp_path, cache_dir):
+    m = metrics(run_job(tmp_path, []))
+    assert m["memory"]["max_peak_rss_gb"] > 0.1
+    assert "layerwise" not in m
+
+
+@pytest.mark.slow  # two spawned ranks, twice
+def test_streamed_run_equals_resident_run_at_w2(tmp_path, cache_dir):
+    resident, streamed = tmp_path / "resident", tmp_path / "streamed"
+    for run_dir, extra in ((resident, []), (streamed, ["calib.layerwise=true"])):
+        result = cli(run_dir, "parallel=mp2", *EVAL, "calib=all_experts", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(resident, streamed)
+    assert metrics(streamed)["counts"]["fixup_collectives"] == 4  # one per layer (the resident run: one)
+
+
+def test_missing_tensor_fails_before_any_compute(tmp_path, cache_dir):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    state = load_file(str(PACKAGE_DIR / "tiny" / shard_name(0, 1)))
+    del state["layers.2.ffn.experts.5.w3.weight"]
+    save_file(state, str(ckpt / shard_name(0, 1)))
+    (ckpt / "config.json").write_text((PACKAGE_DIR / "tiny" / "config.json").read_text())
+    start = time.perf_counter()
+    result = cli(tmp_path / "run", f"model.ckpt_dir={ckpt}", "calib.layerwise=true")
+    assert_failed(result, tmp_path / "run", "layers.2.ffn.experts.5.w3.weight")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "resume").exists()
+    print(f"failed in {time.perf_counter() - start:.1f} s")
+
+
+def test_search_algorithms_are_refused_layer_by_layer(tmp_path, cache_dir):
+    result = cli(tmp_path / "run", "quant=nvfp4_awq_lite", "calib.layerwise=true")
+    assert_failed(result, tmp_path / "run", "awq_lite", "layer by layer")
+
+
+def _wait_for(path_glob: Path, pattern: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.glob(pattern)):
+        assert time.time() < deadline, f"no {pattern} in {path_glob}"
+        time.sleep(0.01)
+
+
+def test_run_killed_mid_stream_resumes_to_the_same_amax(tmp_path, cache_dir):
+    overrides = [*EVAL, "calib=all_experts", "calib.layerwise=true", "logger=none"]
+    whole = run_job(tmp_path / "whole", overrides)
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast(overrides)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        _wait_for(run_dir / "resume", "rank0-mp1-layer0002.pt")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert metrics(run_dir)["status"] == "running"  # killed: nothing finished-looking
+    assert not (run_dir / "amax").exists()
+    result = cli(run_dir, *overrides, "calib.resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m["status"] == "ok" and m["layerwise"]["resumed_from_layer"] >= 2
+    assert_same_run(whole, run_dir)
+    assert not (run_dir / "resume").exists()
+
+
+def test_resume_with_another_config_is_refused(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    (run_dir / "resume").mkdir(parents=True)
+    torch.save({"fingerprint": "of-another-config"}, run_dir / "resume" / "rank0-mp1-layer0002.pt")
+    result = cli(run_dir, "calib.layerwise=true", "calib.resume=true", "logger=none")
+    assert_failed(result, run_dir, "another config")
+    assert (run_dir / "resume" / "rank0-mp1-layer0002.pt").exists()  # a failed run keeps the state
+
+
+@pytest.mark.slow  # two subprocess runs of a 24-layer model
+def test_streamed_run_peaks_lower_in_host_memory(tmp_path, cache_dir):
+    # 24 layers drawn at random: the resident run holds them all, the streamed run one at a time.
+    model = ["model=tiny_random", "model.random_weights=true", "model.n_layers=24", "model.dim=512",
+             "model.moe_inter_dim=256", "model.n_routed_experts=32", "logger=none"]
+    peaks = {}
+    for name, extra in (("resident", []), ("streamed", ["calib.layerwise=true"])):
+        result = cli(tmp_path / name, *model, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[name] = metrics(tmp_path / name)["memory"]["max_peak_rss_gb"]
+    print("peak RSS (GB)", peaks)
+    assert peaks["streamed"] < peaks["resident"] - 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_streamed_run_on_the_gpu_with_hidden_states_on_the_host(tmp_path, cache_dir):
+    # Pinned host buffers, copied in and back batch by batch, and the read-ahead thread's pinned tensors.
+    common = [*EVAL, "parallel.device=cuda", "calib=all_experts"]
+    resident = run_job(tmp_path / "resident", common)
+    streamed = run_job(tmp_path / "streamed", [*common, "calib.layerwise=true", "calib.hidden_on_host=true"])
+    assert_same_run(resident, streamed)
+    assert metrics(streamed)["memory"]["max_peak_gpu_gb"] < metrics(resident)["memory"]["max_peak_gpu_gb"]
