@@ -11,6 +11,7 @@ there is the other run's).
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ def _claim_or_exit(config: DictConfig, mode: str) -> Claim | None:
     except UserError as err:
         print(f"[ERROR] {err}", file=sys.stderr)
         sys.exit(1)
+    except Exception:  # a bug: no run without its claim (Hydra would only warn and go on)
+        traceback.print_exc()
+        sys.exit(1)
 
 
 def claim_folder(config: DictConfig, mode: str) -> Claim:
@@ -87,7 +91,7 @@ def claim_folder(config: DictConfig, mode: str) -> Claim:
 
 def _set_hydra_override(config: DictConfig, key: str, value: str) -> None:
     """Each sweep job's config is composed again from hydra.overrides.hydra: the chosen folder must be there."""
-    quoted = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    quoted = "'" + value.replace("'", "\\'") + "'"
     kept = [o for o in config.hydra.overrides.hydra if str(o).split("=", 1)[0] != key]
     with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
         config.hydra.overrides.hydra = [*kept, f"{key}={quoted}"]
