@@ -1,4 +1,8 @@
-"""Writes that never leave a half-written file or folder behind: written aside, renamed into place at the end."""
+"""Writes that never leave a half-written file or folder behind: written aside, renamed into place at the end.
+
+The temporary file or folder (tempfile makes them 0600 / 0700) gets the mode an ordinary ``open`` or ``mkdir``
+would give under the process's umask (0644 / 0755 by default): others can read the results.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,24 @@ def check_new_output(out: Path) -> None:
                         fix="choose a new output folder or remove the old one")
 
 
+def umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` sets it too: a race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """The mode ``open`` (a file) or ``mkdir`` (a folder) gives under the umask: 0644 / 0755 by default."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
 @contextmanager
 def atomic_output_dir(out: Path) -> Iterator[Path]:
     """A temporary folder beside ``out`` (same file system); it becomes ``out`` on success, vanishes on error."""
@@ -28,6 +50,7 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
+        set_default_mode(tmp)
         yield tmp
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -43,6 +66,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        set_default_mode(Path(tmp))  # mkstemp made it 0600 (and some writers, safetensors', write a new 0600 file)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

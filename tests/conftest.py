@@ -25,10 +25,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def make_cfg(overrides: list[str]):
+def make_cfg(overrides: list[str], hydra: bool = False):
+    """The composed config (``hydra``: with the hydra node, as Hydra's callbacks see it)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
 
 
 def run_job(tmp_path: Path, overrides: list[str]) -> Path:

@@ -111,7 +111,7 @@ def test_compare_refuses_runs_of_different_models(sweep: Path, tmp_path: Path) -
     other = tmp_path / "other_model"
     shutil.copytree(fp8, other, ignore=shutil.ignore_patterns("wandb"))
     metrics = json.loads((other / "metrics.json").read_text())
-    metrics["ckpt_dir"] = "/somewhere/else"
+    metrics["checkpoint"] = "/somewhere/else"
     (other / "metrics.json").write_text(json.dumps(metrics))
     done = _cli("-m", "deepseek_ptq.compare", str(nvfp4), str(other), "--out", str(tmp_path / "x"), timeout=120)
     assert done.returncode == 2

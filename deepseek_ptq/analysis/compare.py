@@ -3,7 +3,7 @@
     python -m deepseek_ptq.analysis.compare RUN_A RUN_B [--out PREFIX]
 
 Works across world sizes (each run's per-rank amax dicts are merged first). Prints markdown and writes
-PREFIX.md and PREFIX.json (default: compare-<A>-vs-<B> in the current folder). Ratios are B / A.
+PREFIX.md and PREFIX.json (default: RUN_B/analysis/compare-<A>). Ratios are B / A.
 When both runs evaluated the same held-out sequences, their evaluation is compared sequence by sequence
 (paired differences B - A with standard errors: far smaller than either run's own error bar).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from deepseek_ptq.pipeline.metrics import RunMetrics
 from deepseek_ptq.pipeline.rundir import read_amax, read_finished
 
 AMAX_SUFFIX = "._amax"
+ANALYSIS = "analysis"  # the default output folder, inside the second run's folder
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,15 @@ def load_run(path: Path) -> Run:
     return Run(path, metrics, merged)
 
 
+def _weights(m: RunMetrics) -> str | None:
+    """The checkpoint a run calibrated, named the same at every world size (runs before that key: its folder)."""
+    return m.checkpoint or m.ckpt_dir
+
+
 def _same_model(a: Run, b: Run) -> None:
     ma, mb = a.metrics, b.metrics
-    if (ma.model, ma.ckpt_dir) != (mb.model, mb.ckpt_dir):
-        raise UserError(f"the runs calibrated different models: {ma.model} ({ma.ckpt_dir}) vs {mb.model} ({mb.ckpt_dir})",
+    if (ma.model, _weights(ma)) != (mb.model, _weights(mb)):
+        raise UserError(f"the runs calibrated different models: {ma.model} ({_weights(ma)}) vs {mb.model} ({_weights(mb)})",
                         fix="compare two runs of the same model and checkpoint")
 
 
@@ -158,6 +165,21 @@ def _eval_markdown(ev: dict[str, Any]) -> list[str]:
     return lines
 
 
+def output_prefix(out: Path | None, run_a: Path, run_b: Path) -> Path:
+    """``--out``, in an existing, writable folder; by default ``RUN_B/analysis/compare-<A>`` (run names are long:
+    not in the current folder). Checked before the work."""
+    if out is None:
+        out = run_b / ANALYSIS / f"compare-{run_a.resolve().name}"
+        folder = run_b  # analysis/ is made when the results are written (not in a run that is refused)
+    elif not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist", fix="create it, or pass --out in an existing folder")
+    else:
+        folder = out.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write into {folder}", fix="pass --out PREFIX in a writable folder")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepseek_ptq.analysis.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_a", type=Path)
@@ -166,15 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10, help="largest differences to list")
     opts = parser.parse_args(argv)
     try:
+        out = output_prefix(opts.out, opts.run_a, opts.run_b)  # before the work: a bad --out fails at once
         result = compare(load_run(opts.run_a), load_run(opts.run_b), top=opts.top)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = opts.out or Path(f"compare-{opts.run_a.resolve().name}-vs-{opts.run_b.resolve().name}")
     md, js = out.parent / f"{out.name}.md", out.parent / f"{out.name}.json"  # run names hold dots: no with_suffix
     markdown = to_markdown(result)
-    md.write_text(markdown)
-    write_json(js, result)
+    try:
+        md.parent.mkdir(exist_ok=True)
+        md.write_text(markdown)
+        write_json(js, result)
+    except OSError as err:
+        print(f"error: cannot write {md}: {err.strerror}. Fix: pass --out PREFIX in a writable folder", file=sys.stderr)
+        return 2
     print(markdown)
     print(f"written: {md}, {js}", file=sys.stderr)
     return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from deepseek_ptq.files import set_default_mode
+
 DTYPE_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
                torch.float64: "F64", torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64",
                torch.bool: "BOOL", torch.float8_e5m2: "F8_E5M2"}
@@ -89,6 +91,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         part = f"part-{len(self._files) + 1:05d}.safetensors"
         save_file(self._pending, str(self.out_dir / part), metadata={"format": "pt"})
+        set_default_mode(self.out_dir / part)  # safetensors writes 0600
         self._files.append((part, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -66,9 +66,14 @@ def ensure_packaged_checkpoint(name: str, args: ModelArgs, world_size: int, cach
         check_checkpoint(source, 1)
         return source
     stored = source / shard_name(0, 1)
-    digest = hashlib.sha256(stored.read_bytes()).hexdigest()[:12]  # a packaged file is small (tens of MB)
-    return ensure_shards(cache_root / f"packaged-{name}-{digest}", args, world_size, lambda: load_file(str(stored)),
+    return ensure_shards(cache_root / packaged_id(name), args, world_size, lambda: load_file(str(stored)),
                          json.loads((source / "config.json").read_text()))
+
+
+def packaged_id(name: str) -> str:
+    """The packaged checkpoint's name and the digest of its stored file (a newer package never reads stale shards)."""
+    stored = packaged_dir(name) / shard_name(0, 1)
+    return f"packaged-{name}-{hashlib.sha256(stored.read_bytes()).hexdigest()[:12]}"  # small: tens of MB
 
 
 def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cache_root: Path) -> Path:
@@ -107,6 +112,19 @@ def checkpoint_dir(model_cfg: Any, args: ModelArgs, world_size: int) -> Path | R
                         fix="set model.ckpt_dir to the converted checkpoint folder (deepseek-ptq-convert makes one "
                             "from a Hugging Face checkpoint)")
     return ensure_generated_checkpoint(args, model_cfg.seed, world_size, cache)
+
+
+def checkpoint_id(model_cfg: Any, ckpt: Path | RandomWeights, world_size: int) -> str:
+    """Which weights a run calibrated, the same at every world size: a packaged or generated checkpoint by its
+    digest (W = 1 reads the packaged one in place, other W its shards in the cache), a given folder by its path.
+    Drawn weights differ with W (each rank draws its own shard)."""
+    if isinstance(ckpt, RandomWeights):
+        return f"{ckpt} mp{world_size}"
+    if model_cfg.ckpt_dir is None and getattr(model_cfg, "packaged_ckpt", None):
+        return packaged_id(model_cfg.packaged_ckpt)
+    if model_cfg.ckpt_dir is None:
+        return ckpt.name  # generated-<digest of the config and seed>
+    return str(ckpt.resolve())
 
 
 def build_model(args: ModelArgs, ckpt_dir: Path | RandomWeights, par: Parallel, device: torch.device,

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from deepseek_ptq.common import choice, natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import write_json
-from deepseek_ptq.model.load import checkpoint_dir, resolve_args
+from deepseek_ptq.model.load import checkpoint_dir, checkpoint_id, resolve_args
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.observe import memory, wandb_log
 from deepseek_ptq.observe.eval_units import SEQUENCES_CSV
@@ -124,6 +124,7 @@ def _ok_metrics(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, ck
         "quant_preset": cfg.quant.preset,
         "model": cfg.model.name,
         "ckpt_dir": str(ckpt),
+        "checkpoint": checkpoint_id(cfg.model, ckpt, par.world_size),  # what compare matches across world sizes
         "device": str(device),
         "timings_s": {k: timings[k] for k in ("load", "calibrate", "fixup", "eval", "stats", "plots")},
         "tokens_calibrated": n_calib,

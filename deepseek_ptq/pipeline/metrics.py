@@ -22,6 +22,7 @@ class RunMetrics:
     quant_preset: str | None = None
     model: str | None = None
     ckpt_dir: str | None = None
+    checkpoint: str | None = None  # the weights, the same at every world size (model.load.checkpoint_id)
     device: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     tokens_calibrated: int | None = None

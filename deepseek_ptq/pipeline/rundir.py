@@ -1,17 +1,24 @@
 """The run directory contract (see README): metrics.json with a status, logs, and the artifacts; what each rank
 contributes and what rank 0 writes from all of them; and the one reader of a finished run for the tools.
 
+A run owns its folder: ``claim`` takes it (an owner file created with O_EXCL, locked while the run lives)
+before anything is written there, and refuses a folder another run owns or that holds anything else.
 metrics.json is written atomically: "running" at the start, "ok" only when everything is written,
 "failed" (with the error) otherwise, in which case finished-looking artifacts are removed.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,142 @@ from deepseek_ptq.pipeline.metrics import METRICS, RunMetrics
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ("amax", "stats", "plots", ".quant_summary.txt", "hf_quant_config.json", "summary.md")
+OWNER = ".owner"  # who claimed the folder (JSON); flock-ed by that process for as long as it lives
+
+
+# ---------------------------------------------------------------------------------------------- who owns the folder
+
+
+class RunDirTaken(UserError):
+    """The folder belongs to another run (or holds files of one): a time-stamped name can try the next one."""
+
+
+@dataclass
+class Claim:
+    """A run's hold on its folder: the owner file's descriptor, whose lock ends with the process (even SIGKILL)."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def claim(run_dir: Path, resume: bool = False, overrides: list[str] | None = None) -> Claim:
+    """Make ``run_dir`` this run's own before anything is written there (the first of two racing runs wins).
+
+    A folder that does not exist or is empty is taken; one that another run owns (running, finished or
+    failed) or that holds any other file is refused, untouched. ``resume``: a folder whose run did not finish,
+    whose process is gone and whose Hydra overrides were ``overrides`` (calib.resume aside) is taken over.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / OWNER, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise UserError(f"the run directory {run_dir} is a file", fix="pass a folder as hydra.run.dir") from None
+        if not resume:
+            raise _taken(run_dir) from None
+        return _take_over(run_dir, overrides)
+    except OSError as err:
+        raise UserError(f"cannot write the run directory {run_dir}: {err.strerror}",
+                        fix="pass a writable folder as hydra.run.dir (or make this one writable)") from None
+    if not _lock(fd):  # a resume locked the new file first: it is that run's now
+        os.close(fd)
+        raise _taken(run_dir)
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != OWNER)
+    if others:  # an earlier run's files (one from before owner files, or a folder of the user's)
+        os.close(fd)
+        (run_dir / OWNER).unlink(missing_ok=True)
+        raise RunDirTaken(f"the run directory {run_dir} already holds files ({', '.join(others[:4])}"
+                          f"{', ...' if len(others) > 4 else ''})", fix=_TAKEN_FIX.format(run_dir=run_dir))
+    _write_owner(fd)
+    return Claim(run_dir, fd)
+
+
+_TAKEN_FIX = "pass another hydra.run.dir, or remove {run_dir}"
+
+
+def _lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _write_owner(fd: int) -> None:
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+             "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+
+
+def _read_owner(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / OWNER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # being written by a run that claims it this instant
+
+
+def _in_use(run_dir: Path) -> bool:
+    """Whether the owner's process is alive (it holds the lock), asked without taking the lock from anyone."""
+    try:
+        fd = os.open(run_dir / OWNER, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if not _lock(fd):
+            return True
+        return not _read_owner(run_dir)  # no owner written yet: a run is claiming the folder right now
+    finally:
+        os.close(fd)  # (releases the lock just taken)
+
+
+def _taken(run_dir: Path) -> RunDirTaken:
+    status = read_metrics(run_dir).get("status")
+    owner = _read_owner(run_dir)
+    if _in_use(run_dir):
+        who = f" (pid {owner['pid']} on {owner['host']}, started {owner['started']})" if owner else ""
+        return RunDirTaken(f"the run directory {run_dir} is in use by another run{who}",
+                           fix="pass another hydra.run.dir: that run is still going")
+    what = {"ok": "a finished run", "failed": "a failed run"}.get(status or "", "a run that stopped without finishing")
+    return RunDirTaken(f"the run directory {run_dir} holds {what}", fix=_TAKEN_FIX.format(run_dir=run_dir))
+
+
+def _take_over(run_dir: Path, overrides: list[str] | None) -> Claim:
+    """A resume: the earlier run's folder, if that run is over, did not finish, and had these overrides."""
+    fd = os.open(run_dir / OWNER, os.O_RDWR)
+    try:
+        if not _lock(fd) or not _read_owner(run_dir):
+            raise _taken(run_dir)
+        if read_metrics(run_dir).get("status") == "ok":
+            raise RunDirTaken(f"the run directory {run_dir} holds a finished run: nothing to resume",
+                              fix="pass another hydra.run.dir for a new run")
+        previous = _hydra_overrides(run_dir)
+        if overrides is not None and previous is not None and _but_resume(previous) != _but_resume(overrides):
+            raise RunDirTaken(f"the run in {run_dir} had other overrides ({', '.join(previous) or 'none'})",
+                              fix="resume with that run's overrides, or pass another hydra.run.dir")
+    except BaseException:
+        os.close(fd)
+        raise
+    _write_owner(fd)
+    return Claim(run_dir, fd)
+
+
+def _hydra_overrides(run_dir: Path) -> list[str] | None:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return None
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def _but_resume(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "calib.resume"]
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

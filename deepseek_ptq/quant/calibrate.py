@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +29,43 @@ log = logging.getLogger(__name__)
 # modelopt imports its Hugging Face export code lazily and warns that transformers is missing: this
 # project exports nothing through it, so the warning only confuses.
 warnings.filterwarnings("ignore", message="Cannot find transformers package")
+
+
+class _QuantizerCountToLog(io.TextIOBase):
+    """stdout while modelopt quantizes: its "Inserted N quantizers" (printed once per rank, this rank's count,
+    which the run's own summary supersedes) goes to the log at debug level; any other line passes through."""
+
+    COUNT = re.compile(r"Inserted \d+ quantizers")
+
+    def __init__(self, out: Any) -> None:
+        self.out, self._line = out, ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            if self.COUNT.fullmatch(line.strip()):
+                log.debug("modelopt (this rank's shard): %s", line.strip())
+            else:
+                self.out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line:
+            self.out.write(self._line)
+            self._line = ""
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def quantizer_count_to_log() -> Iterator[None]:
+    """Around ``mtq.quantize``: modelopt's per-rank quantizer count off the console (see _QuantizerCountToLog)."""
+    quiet = _QuantizerCountToLog(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(quiet):
+            yield
+    finally:
+        quiet.flush()
 
 
 @torch.no_grad()
@@ -137,7 +177,8 @@ def insert_quantizers(model: nn.Module, mtq_cfg: dict[str, Any]) -> None:
     from deepseek_ptq.quant import modules
 
     modules.register()
-    apply_mode(model, mode=[("quantize", dict(mtq_cfg))], registry=QuantizeModeRegistry)
+    with quantizer_count_to_log():
+        apply_mode(model, mode=[("quantize", dict(mtq_cfg))], registry=QuantizeModeRegistry)
 
 
 @contextlib.contextmanager
@@ -230,7 +271,7 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
             raise _non_finite_error(first_non_finite_module(m, bad_batch))
 
     start = time.perf_counter()
-    with _one_piece_of_the_model() if piece else contextlib.nullcontext():
+    with _one_piece_of_the_model() if piece else contextlib.nullcontext(), quantizer_count_to_log():
         mtq.quantize(model, mtq_cfg, forward_loop)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
