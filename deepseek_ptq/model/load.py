@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import check_checkpoint, ensure_shards, load_shard, shard_name
 from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.model.safetensors_file import load_safetensors
 from deepseek_ptq.model.synthetic import generated_dir, init_random_, random_full_state
 from deepseek_ptq.model.transformer import Transformer
 
 PACKAGE_DIR = Path(__file__).parent
 PACKAGED = PACKAGE_DIR / "configs"
+_REINSTALL = "reinstall deepseek-ptq: a file of its packaged checkpoint is damaged"
 _BASE_KEYS = {"name", "config", "ckpt_dir", "packaged_ckpt", "seed", "cache_dir", "random_weights"}
 
 
@@ -63,12 +64,12 @@ def ensure_packaged_checkpoint(name: str, args: ModelArgs, world_size: int, cach
     digest (a newer package never reads stale shards)."""
     source = packaged_dir(name)
     if world_size == 1:
-        check_checkpoint(source, 1)
+        check_checkpoint(source, 1, fix=_REINSTALL)
         return source
     stored = source / shard_name(0, 1)
     digest = hashlib.sha256(stored.read_bytes()).hexdigest()[:12]  # a packaged file is small (tens of MB)
-    return ensure_shards(cache_root / f"packaged-{name}-{digest}", args, world_size, lambda: load_file(str(stored)),
-                         json.loads((source / "config.json").read_text()))
+    return ensure_shards(cache_root / f"packaged-{name}-{digest}", args, world_size,
+                         lambda: load_safetensors(stored, _REINSTALL), json.loads((source / "config.json").read_text()))
 
 
 def ensure_generated_checkpoint(args: ModelArgs, seed: int, world_size: int, cache_root: Path) -> Path:
