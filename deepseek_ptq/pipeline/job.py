@@ -68,10 +68,11 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     timings: dict[str, float] = {}
     args = resolve_args(cfg.model)
     args.check_world_size(par.world_size)
+    # The data first: text too short for data.seq_len fails before any weight is read.
+    batches = make_batches(cfg.data, args.vocab_size, cfg.model.ckpt_dir, cfg.eval.num_samples if eval_enabled(cfg) else 0)
     with _timed(timings, "load"):
         ckpt = checkpoint_dir(cfg.model, args, par.world_size)
         model = build_model(args, ckpt, par, device, progress=rank0)
-    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if eval_enabled(cfg) else 0)
     timings["calibrate"] = calibrate(model, build_quant_config(cfg.quant, on_cpu=device.type == "cpu"), batches.calib,
                                      choice(cfg.calib.name) == "all_experts", device, progress=rank0,
                                      fast=cfg.calib.fast)
