@@ -146,6 +146,9 @@ class LoggerConfig:
     name: LoggerKind = LoggerKind.wandb
     project: str = "deepseek-ptq"
     mode: WandbMode = WandbMode.offline
+    # Bound on starting W&B (wandb.Settings.init_timeout; W&B's default is 90 s): an online start that takes
+    # longer falls back to an offline run in the run directory.
+    init_timeout_s: float = 10.0
     entity: str | None = None
     group: str | None = None  # None: the sweep folder for multirun, else no group
     tags: list[str] = field(default_factory=list)
