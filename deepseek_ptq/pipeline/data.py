@@ -138,9 +138,10 @@ def _batch(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def _check_counts(data_cfg) -> None:
-    for key in ("num_samples", "seq_len", "batch_size"):
+    for key, needs in (("num_samples", "calibration needs at least one sample"),
+                       ("seq_len", "a sample needs at least one token"), ("batch_size", "a batch needs at least one sample")):
         if getattr(data_cfg, key) < 1:
-            raise UserError(f"data.{key}={getattr(data_cfg, key)}: it must be at least 1", fix=f"set data.{key} to 1 or more")
+            raise UserError(f"data.{key}={getattr(data_cfg, key)}: {needs}", fix=f"set data.{key} to 1 or more")
 
 
 def check_data(data_cfg, vocab_size: int, ckpt_dir: str | None, max_seq_len: int) -> None:
