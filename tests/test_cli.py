@@ -23,8 +23,9 @@ from deepseek_ptq.pipeline.launch import free_port
 TINY = ModelArgs.from_json(PACKAGED / "tiny.json")
 
 
-def cli(run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def cli(run_dir: Path, *overrides: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m deepseek_ptq`` with the FAST settings; ``env`` entries over this environment (None: unset)."""
+    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast(list(overrides))],
                           capture_output=True, text=True, timeout=timeout, env=env)
 

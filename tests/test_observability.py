@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_job
+from test_cli import cli
 from wandb_records import read_run
 
 from deepseek_ptq.observe.stats import QuantizerPath, ratio_summary
@@ -148,3 +149,28 @@ def test_logger_none_writes_no_wandb_folder(tmp_path: Path, cache_dir) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["wandb"] is None and metrics["eval"] is None
     assert "deepseek-ptq run ok" in (run_dir / "summary.md").read_text()
+
+
+def test_wandb_online_without_a_server_falls_back_to_offline_in_bounded_time(tmp_path: Path, cache_dir) -> None:
+    # Nothing listens on port 9 (discard); the key is well-formed but no account's. W&B's own bound is 90 s.
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "0" * 40, "WANDB_MODE": None}
+    run_dir = tmp_path / "run"
+    result = cli(run_dir, "logger=wandb", "logger.mode=online", "logger.init_timeout_s=4", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("[WARNING]")]
+    assert len(warnings) == 1 and "logging offline instead" in warnings[0], result.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["wandb"]["mode"] == "offline" and "127.0.0.1:9" in m["wandb"]["online_error"]
+    # The wait is in the timings: the bound, plus the offline start and the logging (seconds).
+    assert 4 <= m["timings_s"]["wandb"] < 4 + 15 and m["timings_s"]["total"] > m["timings_s"]["wandb"]
+    offline, _ = _offline_run(run_dir)  # the one W&B run is the offline one; the failed start left no run-* folder
+    assert offline.exit_code == 0 and not list((run_dir / "wandb").glob("run-*"))
+    assert m["wandb"]["sync_command"] in (run_dir / "summary.md").read_text()
+
+
+def test_wandb_mode_disabled_is_honoured(tmp_path: Path, cache_dir, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_dir = run_job(tmp_path, ["logger=wandb"])
+    assert not (run_dir / "wandb").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["wandb"] is None

@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
 from tqdm import tqdm
 
 from deepseek_ptq.errors import UserError
@@ -29,8 +28,10 @@ from deepseek_ptq.hf.safetensors_io import INDEX_NAME, PlannedFile
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import expert_of, shard_name, split_dim
 from deepseek_ptq.model.kernels import BLOCK
+from deepseek_ptq.model.safetensors_file import open_safetensors
 
 log = logging.getLogger(__name__)
+_REDOWNLOAD = "download the file again: the Hugging Face checkpoint is incomplete or damaged"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -103,7 +104,7 @@ def convert(hf_dir: Path, out: Path, world_size: int, progress: bool = True) -> 
     work: dict[Path, list[tuple[str, str, dict[int, _Part]]]] = {}
     unknown, skipped = [], 0
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path, _REDOWNLOAD) as f:
             for hf_key in f.keys():
                 layer = hf_layer_index(hf_key)
                 if layer is not None and layer >= args.n_layers:
@@ -128,7 +129,7 @@ def convert(hf_dir: Path, out: Path, world_size: int, progress: bool = True) -> 
     with atomic_output_dir(out) as tmp:
         shards = [PlannedFile(tmp / shard_name(r, world_size), layouts[r]) for r in range(world_size)]
         for path in tqdm(files, desc="convert", unit="file", disable=not progress):
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path, _REDOWNLOAD) as f:
                 for hf_key, key, parts in work.get(path, []):
                     whole = None
                     for rank, part in parts.items():

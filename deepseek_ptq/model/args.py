@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.model.kernels import BLOCK
 
 
 @dataclass
@@ -89,19 +90,45 @@ class ModelArgs:
         values.update(values.pop("extra"))
         return values
 
-    def check_world_size(self, world_size: int) -> None:
-        """Refuse a world size the weights cannot be split by, before any model is built."""
-        problems = []
-        if self.n_routed_experts % world_size:
-            problems.append(f"n_routed_experts={self.n_routed_experts}")
-        if self.n_heads % world_size:
-            problems.append(f"n_heads={self.n_heads}")
-        if self.vocab_size % world_size:
-            problems.append(f"vocab_size={self.vocab_size}")
-        if self.inter_dim % world_size:
-            problems.append(f"inter_dim={self.inter_dim}")
-        if (self.n_shared_experts * self.moe_inter_dim) % world_size:
-            problems.append(f"n_shared_experts*moe_inter_dim={self.n_shared_experts * self.moe_inter_dim}")
+    def differences(self, other: ModelArgs) -> list[str]:
+        """The modelled fields on which two configs differ, as ``name=mine/theirs``."""
+        return [f"{f.name}={getattr(self, f.name)}/{getattr(other, f.name)}" for f in dataclasses.fields(self)
+                if f.name != "extra" and getattr(self, f.name) != getattr(other, f.name)]
+
+    def check_world_size(self, world_size: int, whole_fp8_blocks: bool = False) -> None:
+        """Refuse a world size the weights cannot be split by, before any model is built or any rank spawned.
+
+        ``whole_fp8_blocks``: the shards are cut from one full FP8 checkpoint (the packaged or a generated one),
+        where each rank's part of a split dimension must be whole 128-wide blocks, as its block scale splits
+        with it (DeepSeek's converter asks the same). A model drawn in place keeps partial blocks."""
+        problems = self._split_problems(world_size, whole_fp8_blocks)
         if problems:
-            raise UserError(f"the model cannot be split across {world_size} ranks: {', '.join(problems)} "
-                            f"not divisible by {world_size}", fix="choose a parallel option whose world size divides these")
+            fitting = [w for w in (2, 4, 8, 16, 32, 64) if w < world_size and not self._split_problems(w, whole_fp8_blocks)]
+            raise UserError(f"the model cannot be split across {world_size} ranks: {'; '.join(problems)}",
+                            fix=f"use parallel=mp{fitting[-1]} or fewer ranks" if fitting else "use parallel=single")
+
+    def _split_problems(self, world_size: int, whole_fp8_blocks: bool) -> list[str]:
+        indivisible = [f"{name}={size}" for name, size in (
+            ("n_routed_experts", self.n_routed_experts), ("n_heads", self.n_heads), ("vocab_size", self.vocab_size),
+            ("inter_dim", self.inter_dim), ("n_shared_experts*moe_inter_dim", self.n_shared_experts * self.moe_inter_dim),
+        ) if size % world_size]
+        if indivisible:
+            return [f"{', '.join(indivisible)} not divisible by {world_size}"]
+        if whole_fp8_blocks and self.dtype == "fp8" and world_size > 1:
+            short = [f"{name}={size} ({size // world_size} a rank)" for name, size in self._fp8_split_dims()
+                     if (size // world_size) % BLOCK]
+            if short:
+                return [f"{', '.join(short)} not a multiple of the {BLOCK}-wide FP8 block"]
+        return []
+
+    def _fp8_split_dims(self) -> list[tuple[str, int]]:
+        """The full sizes of the dims that FP8 linears split across ranks (the head and the embedding are bf16,
+        routed experts stay whole)."""
+        dims = [("n_heads*qk_head_dim", self.n_heads * self.qk_head_dim),
+                ("n_heads*(qk_nope_head_dim+v_head_dim)", self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)),
+                ("n_heads*v_head_dim", self.n_heads * self.v_head_dim)]
+        if self.n_dense_layers > 0:
+            dims.append(("inter_dim", self.inter_dim))
+        if self.n_moe_layers > 0 and self.n_shared_experts > 0:
+            dims.append(("n_shared_experts*moe_inter_dim", self.n_shared_experts * self.moe_inter_dim))
+        return dims

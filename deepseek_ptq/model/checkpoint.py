@@ -9,6 +9,9 @@ falls on a 128-block boundary). ``ShardReader`` is the inverse: whole tensors fr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -26,7 +29,10 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_write, write_json
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.kernels import BLOCK, quantize_fp8_blocks
+from deepseek_ptq.model.safetensors_file import REPAIR, open_safetensors
 from deepseek_ptq.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
 
 _COLUMN = {"wq", "wq_b", "wkv_b", "w1", "w3", "head", "embed"}
 _ROW = {"wo", "w2"}
@@ -107,12 +113,58 @@ def write_shards(full: dict[str, torch.Tensor], args: ModelArgs, ckpt_dir: Path,
 def ensure_shards(ckpt_dir: Path, args: ModelArgs, world_size: int, full: Callable[[], dict[str, torch.Tensor]],
                   config: dict[str, Any]) -> Path:
     """``ckpt_dir`` (a cache folder) with this world size's shards of ``full()`` and ``config`` as config.json,
-    written on first use. Safe when several ranks call it at once: every file is written aside and renamed."""
-    if sorted(find_shards(ckpt_dir).get(world_size, [])) == list(range(world_size)) and (ckpt_dir / "config.json").exists():
-        return ckpt_dir
+    written on first use, and written again when a file no longer matches the size and digest recorded in the
+    completion marker (a truncated or damaged cache is never trusted). Safe when several ranks call it at once:
+    every file is written aside and renamed, and ``full()`` gives the same tensors each time."""
+    marker = ckpt_dir / cache_marker(world_size)
+    if marker.exists():
+        problem = cache_problem(ckpt_dir, world_size)
+        if problem is None:
+            return ckpt_dir
+        log.warning("cached checkpoint %s: %s; writing it again", ckpt_dir, problem)
     write_shards(full(), args, ckpt_dir, world_size)
     write_json(ckpt_dir / "config.json", config)
+    # Last: the marker says the folder is complete and records what each file must still be.
+    write_json(marker, {name: _file_record(ckpt_dir / name) for name in _cached_files(world_size)})
     return ckpt_dir
+
+
+def cache_marker(world_size: int) -> str:
+    return f"complete-mp{world_size}.json"
+
+
+def _cached_files(world_size: int) -> list[str]:
+    return [shard_name(r, world_size) for r in range(world_size)] + ["config.json"]
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    # The whole file is hashed (about 1 GB/s): a cache folder holds a model small enough to generate or to ship.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def cache_problem(ckpt_dir: Path, world_size: int) -> str | None:
+    """What differs between a cache folder and its completion marker for this world size, None when every file
+    has the size and digest recorded when it was written."""
+    marker = ckpt_dir / cache_marker(world_size)
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{marker.name} is unreadable ({err})"
+    for name in _cached_files(world_size):
+        path, expected = ckpt_dir / name, recorded.get(name) if isinstance(recorded, dict) else None
+        if not isinstance(expected, dict):
+            return f"{marker.name} holds no record of {name}"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, {expected.get('bytes')} were written"
+        if _file_record(path)["sha256"] != expected.get("sha256"):
+            return f"{name} differs from what was written (sha256)"
+    return None
 
 
 def find_shards(ckpt_dir: Path) -> dict[int, list[int]]:
@@ -137,8 +189,9 @@ def pick_world_size(ckpt_dir: Path, preferred: int | None) -> int:
     raise AssertionError("unreachable")
 
 
-def check_checkpoint(ckpt_dir: Path, world_size: int) -> None:
-    """Fail before building the model when the folder lacks this world size's shards."""
+def check_checkpoint(ckpt_dir: Path, world_size: int, fix: str = REPAIR) -> None:
+    """Fail before building the model when the folder lacks this world size's shards, or one is truncated or
+    corrupt (``fix`` says what to do then)."""
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint folder {ckpt_dir} does not exist",
                         fix="set model.ckpt_dir to a folder holding model{rank}-mp{W}.safetensors (see scripts/convert_hf.py)")
@@ -154,6 +207,9 @@ def check_checkpoint(ckpt_dir: Path, world_size: int) -> None:
     if missing:
         raise UserError(f"{ckpt_dir} lacks {', '.join(shard_name(r, world_size) for r in missing)}",
                         fix="copy or re-create the missing shards")
+    for rank in range(world_size):  # headers only (milliseconds): a truncated or corrupt shard fails here
+        with open_safetensors(ckpt_dir / shard_name(rank, world_size), fix):
+            pass
 
 
 class ShardFile:
@@ -166,7 +222,8 @@ class ShardFile:
     def __init__(self, ckpt_dir: Path, rank: int, world_size: int,
                  expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         self.path = ckpt_dir / shard_name(rank, world_size)
-        self._file = safe_open(str(self.path), framework="pt")
+        self._stack = ExitStack()
+        self._file = self._stack.enter_context(open_safetensors(self.path))
         self._check(expected)
 
     def _check(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
@@ -190,7 +247,13 @@ class ShardFile:
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The stored tensors of ``keys`` (CPU)."""
-        return {key: self._file.get_tensor(key) for key in keys}
+        return {key: self._tensor(key) for key in keys}
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except SafetensorError as err:
+            raise UserError(f"{self.path}: {key} cannot be read, corrupt ({err})", fix=REPAIR) from err
 
     @torch.no_grad()
     def copy_into(self, module: nn.Module, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "",
@@ -199,12 +262,12 @@ class ShardFile:
         for name, param in tqdm(list(module.named_parameters()), desc=f"load {self.path.name}", disable=not progress,
                                 unit="tensor"):
             key = prefix + name
-            tensor = tensors[key] if tensors is not None else self._file.get_tensor(key)
+            tensor = tensors[key] if tensors is not None else self._tensor(key)
             param.data.copy_(tensor.to(param.dtype) if tensor.dtype != param.dtype else tensor,
                              non_blocking=tensor.is_pinned())
 
     def close(self) -> None:
-        self._file = None  # safe_open closes its file when the handle is dropped
+        self._stack.close()
 
 
 def expected_params(model: nn.Module, prefix: str = "") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -225,7 +288,7 @@ class ShardReader:
         check_checkpoint(ckpt_dir, world_size)
         self.world_size = world_size
         self._stack = ExitStack()
-        self._files = [self._stack.enter_context(safe_open(str(ckpt_dir / shard_name(r, world_size)), framework="pt"))
+        self._files = [self._stack.enter_context(open_safetensors(ckpt_dir / shard_name(r, world_size)))
                        for r in range(world_size)]
         self._ranks: dict[str, list[int]] = {}
         for rank, f in enumerate(self._files):

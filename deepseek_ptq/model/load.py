@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import check_checkpoint, ensure_shards, load_shard, shard_name
 from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.model.safetensors_file import load_safetensors
 from deepseek_ptq.model.synthetic import generated_dir, init_random_, random_full_state
 from deepseek_ptq.model.transformer import Transformer
 
 PACKAGE_DIR = Path(__file__).parent
 PACKAGED = PACKAGE_DIR / "configs"
-_BASE_KEYS = {"name", "config", "ckpt_dir", "packaged_ckpt", "seed", "cache_dir", "random_weights"}
+_REINSTALL = "reinstall deepseek-ptq: a file of its packaged checkpoint is damaged"
+_BASE_KEYS = {"name", "config", "ckpt_dir", "packaged_ckpt", "seed", "cache_dir", "random_weights", "generate_weights"}
 
 
 def packaged_configs() -> list[str]:
@@ -36,6 +37,7 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     """ModelArgs from the named/packaged config or the checkpoint's config.json, plus command-line overrides."""
     if model_cfg.config is not None:
         path = PACKAGED / f"{model_cfg.config}.json" if model_cfg.config in packaged_configs() else Path(model_cfg.config)
+        _refuse_other_checkpoint_config(path, model_cfg.ckpt_dir)
     elif model_cfg.ckpt_dir is not None and (Path(model_cfg.ckpt_dir) / "config.json").exists():
         path = Path(model_cfg.ckpt_dir) / "config.json"
     elif model_cfg.name in packaged_configs():
@@ -47,6 +49,21 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     overrides = {k: v for k, v in dict(model_cfg).items() if k not in _BASE_KEYS and v is not None}
     values.update(overrides)
     return ModelArgs.from_dict(values, source=str(path))
+
+
+def _refuse_other_checkpoint_config(path: Path, ckpt_dir: str | None) -> None:
+    """A checkpoint folder's config.json is the model its weights were written for. A model.config that
+    describes another model would be built instead, silently where no shape differs (route_scale, rope,
+    max_seq_len), so the two must agree; the user picks one (neither wins by a rule nobody sees)."""
+    own = Path(ckpt_dir).expanduser() / "config.json" if ckpt_dir is not None else None
+    if own is None or not own.is_file():
+        return
+    differ = ModelArgs.from_json(path).differences(ModelArgs.from_json(own))
+    if differ:
+        raise UserError(f"model.config ({path}) and the checkpoint's {own} describe different models "
+                        f"({', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''})",
+                        fix="set model.config=null to build the checkpoint's own model, or point model.ckpt_dir at a "
+                            "checkpoint of this model")
 
 
 def packaged_dir(name: str) -> Path:
@@ -63,10 +80,10 @@ def ensure_packaged_checkpoint(name: str, args: ModelArgs, world_size: int, cach
     digest (a newer package never reads stale shards)."""
     source = packaged_dir(name)
     if world_size == 1:
-        check_checkpoint(source, 1)
+        check_checkpoint(source, 1, fix=_REINSTALL)
         return source
     stored = source / shard_name(0, 1)
-    return ensure_shards(cache_root / packaged_id(name), args, world_size, lambda: load_file(str(stored)),
+    return ensure_shards(cache_root / packaged_id(name), args, world_size, lambda: load_safetensors(stored, _REINSTALL),
                          json.loads((source / "config.json").read_text()))
 
 
@@ -92,25 +109,38 @@ class RandomWeights:
         return f"random-weights(seed={self.seed})"
 
 
-def checkpoint_dir(model_cfg: Any, args: ModelArgs, world_size: int) -> Path | RandomWeights:
-    """The checkpoint folder: ``ckpt_dir``, else the packaged or generated one, sharded into the cache on first use."""
+def check_source(model_cfg: Any, args: ModelArgs, world_size: int) -> None:
+    """Where the weights come from, checked without reading or writing any weight (also before any rank
+    starts): ckpt_dir's shards for this world size and their headers, the packaged checkpoint, or a model
+    whose weights may be generated or drawn; a full checkpoint to be sharded must split into whole FP8 blocks."""
     if getattr(model_cfg, "random_weights", False):
         if model_cfg.ckpt_dir is not None:
             raise UserError("model.random_weights=true draws the weights, but model.ckpt_dir is set too",
                             fix="drop model.ckpt_dir, or set model.random_weights=false to load the checkpoint")
-        return RandomWeights(model_cfg.seed)
+        return
     if model_cfg.ckpt_dir is not None:
-        ckpt_dir = Path(model_cfg.ckpt_dir).expanduser()
-        check_checkpoint(ckpt_dir, world_size)
-        return ckpt_dir
-    cache = Path(model_cfg.cache_dir).expanduser()
+        check_checkpoint(Path(model_cfg.ckpt_dir).expanduser(), world_size)
+        return
     if getattr(model_cfg, "packaged_ckpt", None):
-        return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size, cache)
-    if not getattr(model_cfg, "generate_weights", False):
+        packaged_dir(model_cfg.packaged_ckpt)
+    elif not getattr(model_cfg, "generate_weights", False):
         # A real-size model without its checkpoint would otherwise be drawn at random in host memory, for minutes.
         raise UserError(f"model={model_cfg.name} needs its checkpoint: model.ckpt_dir is not set",
                         fix="set model.ckpt_dir to the converted checkpoint folder (deepseek-ptq-convert makes one "
                             "from a Hugging Face checkpoint)")
+    args.check_world_size(world_size, whole_fp8_blocks=True)  # sharded from the full checkpoint in the cache
+
+
+def checkpoint_dir(model_cfg: Any, args: ModelArgs, world_size: int) -> Path | RandomWeights:
+    """The checkpoint folder: ``ckpt_dir``, else the packaged or generated one, sharded into the cache on first use."""
+    check_source(model_cfg, args, world_size)
+    if getattr(model_cfg, "random_weights", False):
+        return RandomWeights(model_cfg.seed)
+    if model_cfg.ckpt_dir is not None:
+        return Path(model_cfg.ckpt_dir).expanduser()
+    cache = Path(model_cfg.cache_dir).expanduser()
+    if getattr(model_cfg, "packaged_ckpt", None):
+        return ensure_packaged_checkpoint(model_cfg.packaged_ckpt, args, world_size, cache)
     return ensure_generated_checkpoint(args, model_cfg.seed, world_size, cache)
 
 

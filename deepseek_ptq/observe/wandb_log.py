@@ -2,13 +2,16 @@
 
 Offline by default, with every W&B folder (run, data, cache, config) inside the run directory, so a run
 needs no account and no network and leaves nothing in ~/.cache or ~/.local. W&B trouble is logged and
-never fails the job: an experiment runner must not lose a finished calibration to a dashboard.
+never fails the job: an experiment runner must not lose a finished calibration to a dashboard. An online
+start is bounded by logger.init_timeout_s (W&B's own default waits 90 s without a network) and falls back
+to an offline run, to be synced later; WANDB_MODE=disabled turns W&B off as logger=none does.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,9 +56,10 @@ def sweep_group(run_dir: Path) -> str | None:
 class Tracker:
     """A W&B run, or nothing (logger=none, or W&B failed to start). Every method is safe to call."""
 
-    def __init__(self, run: Any = None, init_s: float = 0.0) -> None:
+    def __init__(self, run: Any = None, init_s: float = 0.0, online_error: str | None = None) -> None:
         self.run = run
-        self.init_s = init_s  # seconds wandb.init took (its service starts in the background)
+        self.init_s = init_s  # seconds starting W&B took, a failed online start included
+        self.online_error = online_error  # why an online start fell back to offline
 
     @property
     def info(self) -> dict[str, Any] | None:
@@ -63,9 +67,12 @@ class Tracker:
             return None
         offline = self.run.settings.mode == "offline"
         run_dir = Path(self.run.dir).parent  # .../wandb/offline-run-<time>-<id>/files -> the run folder
-        return {"mode": self.run.settings.mode, "id": self.run.id, "dir": str(run_dir),
+        info = {"mode": self.run.settings.mode, "id": self.run.id, "dir": str(run_dir),
                 "sync_command": f"wandb sync {run_dir}" if offline else None,
                 "url": None if offline else self.run.url}
+        if self.online_error is not None:
+            info["online_error"] = self.online_error
+        return info
 
     def log_results(self, metrics: dict[str, Any], stats: RunStats, plots: list[Path], run_dir: Path) -> None:
         if self.run is None:
@@ -154,23 +161,43 @@ def _keep_wandb_inside(run_dir: Path) -> None:
 
 
 def start(cfg: Any, run_dir: Path) -> Tracker:
-    if choice(cfg.logger.name) != "wandb" or choice(cfg.logger.mode) == "disabled":
+    mode = choice(cfg.logger.mode)
+    if choice(cfg.logger.name) != "wandb" or mode == "disabled":
+        return Tracker()
+    if os.environ.get("WANDB_MODE") == "disabled":  # W&B's own switch, set by clusters and CI for every tool
+        log.info("WANDB_MODE=disabled: no W&B run")
         return Tracker()
     start_time = time.perf_counter()
     try:
         import wandb
 
         _keep_wandb_inside(run_dir)
-        run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, mode=choice(cfg.logger.mode), dir=str(run_dir),
-            group=cfg.logger.group or sweep_group(run_dir), job_type=choice(cfg.calib.name),
-            name=run_name(run_dir), tags=list(cfg.logger.tags) or None,
-            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True, x_save_requirements=False))
-        return Tracker(run, init_s=time.perf_counter() - start_time)
-    except Exception as err:  # noqa: BLE001 - no account, no network, a broken install: the run goes on
+        if mode != "online":
+            return Tracker(_init(wandb, cfg, run_dir, mode), time.perf_counter() - start_time)
+        before = set((run_dir / "wandb").glob("run-*"))
+        try:
+            return Tracker(_init(wandb, cfg, run_dir, "online"), time.perf_counter() - start_time)
+        except Exception as err:  # noqa: BLE001 - no network, no account, a server down: offline instead
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("W&B did not start online in %.1f s (%s): logging offline instead; upload the run later "
+                        "with the wandb sync command in the summary", time.perf_counter() - start_time, reason)
+            for unstarted in set((run_dir / "wandb").glob("run-*")) - before:  # not a run: never synced by mistake
+                shutil.rmtree(unstarted, ignore_errors=True)
+            return Tracker(_init(wandb, cfg, run_dir, "offline"), time.perf_counter() - start_time, reason)
+    except Exception as err:  # noqa: BLE001 - a broken install, an unwritable folder: the run goes on
         log.warning("W&B did not start (%s); the run continues without it. Set logger=none to skip W&B.", err)
-        return Tracker()
+        return Tracker(init_s=time.perf_counter() - start_time)
+
+
+def _init(wandb: Any, cfg: Any, run_dir: Path, mode: str) -> Any:
+    return wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.entity, mode=mode, dir=str(run_dir),
+        group=cfg.logger.group or sweep_group(run_dir), job_type=choice(cfg.calib.name),
+        name=run_name(run_dir), tags=list(cfg.logger.tags) or None,
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), reinit="finish_previous",
+        # (the bound is for the server: an offline start waits on nothing but W&B's local service)
+        settings=wandb.Settings(console="off", silent=True, x_save_requirements=False,
+                                **({"init_timeout": cfg.logger.init_timeout_s} if mode == "online" else {})))
 
 
 @contextmanager

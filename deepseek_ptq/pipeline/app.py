@@ -28,6 +28,7 @@ from deepseek_ptq.pipeline.launch import (
     stop_on_sigterm,
     terminated,
 )
+from deepseek_ptq.pipeline.validate import validate
 
 log = logging.getLogger("deepseek_ptq")
 # The config groups ship inside the package (conf/ at the top of the source tree links here).
@@ -59,20 +60,20 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
 def _execute(cfg: DictConfig, run_dir: Path, joined: JoinedRank | None, rank: int, world_size: int) -> None:
     if rank == 0:
         rundir.write_metrics(run_dir, {"status": "running", **_config_summary(cfg)})
-    if joined is not None:
-        if joined.world_size != world_size:
-            err = UserError(f"parallel={cfg.parallel.name} asks for {world_size} ranks but the launcher started "
+        rundir.setup_logging(run_dir, 0, cfg.log_level)
+    try:
+        if joined is not None and joined.world_size != world_size:
+            raise UserError(f"parallel={cfg.parallel.name} asks for {world_size} ranks but the launcher started "
                             f"{joined.world_size}", fix=f"start {world_size} ranks or pick the matching parallel option")
-            if rank == 0:
-                rundir.setup_logging(run_dir, 0)
-                rundir.mark_failed(run_dir, err, rank)
-            let_rank0_record_first(rank)
-            raise err
+        validate(cfg)  # every check that needs no weight, before any rank is spawned and any weight is read
+    except UserError:
+        let_rank0_record_first(rank)  # joined ranks all fail here; rank 0 writes metrics.json
+        raise
+    if joined is not None:
         rank_main(cfg, run_dir if rank == 0 else None, rank, world_size, joined.local_rank, "env://")
     elif world_size == 1:
         rank_main(cfg, run_dir, 0, 1, 0, "")
     else:
-        rundir.setup_logging(run_dir, 0, cfg.log_level)
         check_local_gpus(choice(cfg.parallel.device), world_size)  # before any rank starts
         log.info("spawning %d ranks", world_size)
         spawn(cfg, run_dir)
@@ -108,7 +109,7 @@ def _record_failure(run_dir: Path, err: BaseException) -> None:
         sys.exit(128 + 15)
     rundir.mark_failed(run_dir, err)
     if isinstance(err, (UserError, RankFailed)):
-        log.error("%s", err)
+        log.error("%s", err, exc_info=err, extra=rundir.BRIEF)  # the traceback in run.log only
         if not multirun:
             sys.exit(1)
     elif multirun and isinstance(err, Exception):

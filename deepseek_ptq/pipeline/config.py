@@ -4,14 +4,16 @@ so an unknown key, a wrong type or an unknown choice fails before any model work
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
 
 
@@ -152,6 +154,9 @@ class LoggerConfig:
     name: LoggerKind = LoggerKind.wandb
     project: str = "deepseek-ptq"
     mode: WandbMode = WandbMode.offline
+    # Bound on starting W&B (wandb.Settings.init_timeout; W&B's default is 90 s): an online start that takes
+    # longer falls back to an offline run in the run directory.
+    init_timeout_s: float = 10.0
     entity: str | None = None
     group: str | None = None  # None: the sweep folder for multirun, else no group
     tags: list[str] = field(default_factory=list)
@@ -171,3 +176,19 @@ class Config:
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def check_known_keys(cfg: DictConfig, schema: type = Config, prefix: str = "") -> None:
+    """Refuse keys the schema lacks. The struct flag stops ``data.num_sample=4``, but a ``+`` override
+    (``+data.num_sample=4``, Hydra's own hint for that typo) is applied with the flag lifted
+    (OmegaConf.update(force_add=True)), so it would run and be ignored; ``+model.<key>`` would reach ModelArgs."""
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg.keys():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            raise UserError(f"unknown config key {prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""),
+                            fix=f"drop it; the keys of {prefix.rstrip('.') or 'the config'} are: {', '.join(names)}")
+    hints = typing.get_type_hints(schema)
+    for name in names:
+        if dataclasses.is_dataclass(hints[name]) and name in cfg and not OmegaConf.is_missing(cfg, name):
+            check_known_keys(cfg[name], hints[name], f"{prefix}{name}.")

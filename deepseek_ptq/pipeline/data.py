@@ -18,6 +18,8 @@ import torch
 from deepseek_ptq.errors import UserError
 
 HELDOUT_PERCENT = 10
+SNIFF_BYTES = 1 << 16  # what the check before the run reads of each text file
+MAX_INVALID_UTF8 = 0.01  # share of bytes that are not UTF-8 above which a file is not text
 
 
 @dataclass(frozen=True)
@@ -41,15 +43,23 @@ class ByteTokenizer:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.empty(0, dtype=torch.int64)
 
 
-def _tokenizer(tokenizer_path: str | None, ckpt_dir: str | None, vocab_size: int):
+def _tokenizer_file(tokenizer_path: str | None, ckpt_dir: str | None, vocab_size: int) -> Path | None:
+    """The tokenizer.json to load, or None for the byte tokenizer of vocab-256 models."""
     path = Path(tokenizer_path) if tokenizer_path else (Path(ckpt_dir) / "tokenizer.json" if ckpt_dir else None)
     if path is None or (tokenizer_path is None and not path.exists() and vocab_size == 256):
         if vocab_size != 256:
             raise UserError(f"no tokenizer for a vocabulary of {vocab_size}",
                             fix="set data.tokenizer to the model's tokenizer.json (or model.ckpt_dir to a folder holding it)")
-        return ByteTokenizer()
+        return None
     if not path.exists():
         raise UserError(f"tokenizer {path} does not exist", fix="set data.tokenizer to the model's tokenizer.json")
+    return path
+
+
+def _tokenizer(tokenizer_path: str | None, ckpt_dir: str | None, vocab_size: int):
+    path = _tokenizer_file(tokenizer_path, ckpt_dir, vocab_size)
+    if path is None:
+        return ByteTokenizer()
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
@@ -81,13 +91,34 @@ def is_heldout(path: Path) -> bool:
     return int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 
+def check_text(path: Path, data: bytes) -> None:
+    """Refuse a file that is not UTF-8 text (NUL bytes, or more than 1% of its bytes invalid UTF-8): a binary
+    file read as text calibrates the model on noise (an executable measured 20.9 bits per byte)."""
+    if b"\0" in data:
+        problem = "holds NUL bytes"
+    else:
+        invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
+        if invalid <= MAX_INVALID_UTF8 * len(data):
+            return
+        problem = f"is {invalid / len(data):.0%} invalid UTF-8"
+    raise UserError(f"data.paths file {path} {problem}: it is not text",
+                    fix="give data.paths text files only (UTF-8): drop the binary file, or convert the text to UTF-8")
+
+
+def _read(path: Path, size: int = -1) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}", fix="fix the file's permissions or drop it from data.paths") from err
+
+
 def read_tokens(files: list[Path], tokenize, what: str) -> torch.Tensor:
     ids: list[torch.Tensor] = []
     for path in files:
-        try:
-            ids.append(tokenize(path.read_text(encoding="utf-8", errors="replace")))
-        except OSError as err:
-            raise UserError(f"cannot read {path}: {err.strerror}", fix="fix the file's permissions or drop it from data.paths") from err
+        data = _read(path)
+        check_text(path, data)
+        ids.append(tokenize(data.decode("utf-8", errors="replace")))
     stream = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)
     if stream.numel() == 0:
         raise UserError(f"the {what} text is empty ({len(files)} files)", fix="give data.paths files with text in them")
@@ -106,13 +137,33 @@ def _batch(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(samples.split(batch_size))
 
 
+def _check_counts(data_cfg) -> None:
+    for key, needs in (("num_samples", "calibration needs at least one sample"),
+                       ("seq_len", "a sample needs at least one token"), ("batch_size", "a batch needs at least one sample")):
+        if getattr(data_cfg, key) < 1:
+            raise UserError(f"data.{key}={getattr(data_cfg, key)}: {needs}", fix=f"set data.{key} to 1 or more")
+
+
+def check_data(data_cfg, vocab_size: int, ckpt_dir: str | None, max_seq_len: int) -> None:
+    """What can be known of the data before the run, reading little: the counts, data.seq_len against the
+    model's max_seq_len, the tokenizer's file, every text file present and text (its first 64 KiB)."""
+    _check_counts(data_cfg)
+    if data_cfg.seq_len > max_seq_len:
+        raise UserError(f"data.seq_len={data_cfg.seq_len} is longer than the model's max_seq_len={max_seq_len}",
+                        fix=f"set data.seq_len to at most {max_seq_len}")
+    if data_cfg.name == "synthetic":
+        return
+    _tokenizer_file(data_cfg.tokenizer, ckpt_dir, vocab_size)
+    files = _text_files(list(data_cfg.paths))
+    if not files:
+        raise UserError("data.paths lists no readable file", fix="give existing text files or globs")
+    for path in files:
+        check_text(path, _read(path, SNIFF_BYTES))
+
+
 def make_batches(data_cfg, vocab_size: int, ckpt_dir: str | None, heldout_samples: int) -> Batches:
     """The calibration batches and the held-out batches, the same for the same seed on every rank."""
-    if data_cfg.num_samples < 1:
-        raise UserError(f"data.num_samples={data_cfg.num_samples}: calibration needs at least one sample",
-                        fix="set data.num_samples to 1 or more")
-    if data_cfg.seq_len < 1 or data_cfg.batch_size < 1:
-        raise UserError("data.seq_len and data.batch_size must be at least 1", fix="set them to positive values")
+    _check_counts(data_cfg)
     gen = torch.Generator().manual_seed(data_cfg.seed)
     if data_cfg.name == "synthetic":
         calib = torch.randint(0, vocab_size, (data_cfg.num_samples, data_cfg.seq_len), generator=gen)

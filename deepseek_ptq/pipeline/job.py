@@ -56,9 +56,10 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     memory.reset_peaks(device)
     args = resolve_args(cfg.model)
     args.check_world_size(par.world_size)
-    ckpt = checkpoint_dir(cfg.model, args, par.world_size)
     evaluate = eval_enabled(cfg)
-    batches = make_batches(cfg.data, args.vocab_size, str(ckpt), cfg.eval.num_samples if evaluate else 0)
+    # The data first: text too short for data.seq_len fails before any weight is read.
+    batches = make_batches(cfg.data, args.vocab_size, cfg.model.ckpt_dir, cfg.eval.num_samples if evaluate else 0)
+    ckpt = checkpoint_dir(cfg.model, args, par.world_size)
     mtq_cfg = build_quant_config(cfg.quant, on_cpu=device.type == "cpu")
     if cfg.calib.layerwise:
         result = calibrate_streamed(cfg, args, ckpt, par, device, batches, mtq_cfg, evaluate, run_dir)

@@ -144,7 +144,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
         run_rank(cfg, run_dir, Parallel(rank, world_size, None), device)
     except BaseException as err:
         if isinstance(err, UserError):  # the problem and its fix say it all (metrics.json keeps the traceback)
-            log.error("rank %d failed: %s", rank, err)
+            log.error("rank %d failed: %s", rank, err, exc_info=err, extra=rundir.BRIEF)  # (traceback: the log file)
         else:
             log.error("rank %d failed: %s\n%s", rank, err, traceback.format_exc())
         if run_dir is not None:

@@ -203,6 +203,17 @@ def mark_failed(run_dir: Path, error: BaseException | str, rank: int | None = No
     write_metrics(run_dir, metrics)
 
 
+# ``extra=BRIEF``: a record whose traceback belongs in the log file only (a user error: one line on the console).
+BRIEF = {"brief": True}
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "brief", False) and record.exc_info:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
 def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     """Rank 0 logs to run.log and the console, rank r to rank{r}.log (warnings also to the console)."""
     root = logging.getLogger()
@@ -214,7 +225,7 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     file_handler.setFormatter(fmt)
     root.addHandler(file_handler)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("[%(levelname)s] %(message)s" if rank == 0 else f"[rank{rank} %(levelname)s] %(message)s"))
+    console.setFormatter(_ConsoleFormatter("[%(levelname)s] %(message)s" if rank == 0 else f"[rank{rank} %(levelname)s] %(message)s"))
     console.setLevel(level if rank == 0 else logging.WARNING)
     root.addHandler(console)
     for noisy in ("matplotlib", "PIL", "urllib3", "git"):

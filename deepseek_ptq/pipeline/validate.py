@@ -1,0 +1,40 @@
+"""Every check a run can make before any rank starts and before any weight is read, in seconds: the config's
+keys, the model's config (against the checkpoint's own), the world size, the checkpoint's files, the data and
+the quantization preset. A problem is one UserError naming it and the fix; the ranks then meet no bad input
+that this step could have found."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepseek_ptq.errors import UserError
+from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.load import check_source, resolve_args
+from deepseek_ptq.pipeline.config import check_known_keys, eval_enabled
+from deepseek_ptq.pipeline.data import check_data
+
+
+def validate(cfg: Any) -> ModelArgs:
+    """The model's arguments, once everything checkable about the run is known to be sound."""
+    check_known_keys(cfg)
+    args = resolve_args(cfg.model)
+    world_size = cfg.parallel.world_size
+    args.check_world_size(world_size)
+    check_source(cfg.model, args, world_size)
+    check_data(cfg.data, args.vocab_size, cfg.model.ckpt_dir, args.max_seq_len)
+    _check_eval(cfg)
+    from deepseek_ptq.quant.recipes import load_preset  # imports modelopt (seconds): last, once the rest holds
+
+    load_preset(cfg.quant.preset)
+    return args
+
+
+def _check_eval(cfg: Any) -> None:
+    if not eval_enabled(cfg):
+        return
+    if cfg.eval.num_samples < 1:
+        raise UserError(f"eval.num_samples={cfg.eval.num_samples}: evaluation needs at least 1 held-out sample",
+                        fix="set eval.num_samples to 1 or more, or eval.enabled=false")
+    if cfg.data.seq_len < 2:
+        raise UserError(f"data.seq_len={cfg.data.seq_len}: evaluation scores next-token predictions, which need 2 "
+                        "or more tokens a sample", fix="set data.seq_len to 2 or more, or eval.enabled=false")
