@@ -116,21 +116,20 @@ def test_run_killed_mid_stream_resumes_to_the_same_amax(tmp_path, cache_dir):
         proc.wait(timeout=30)
     assert metrics(run_dir)["status"] == "running"  # killed: nothing finished-looking
     assert not (run_dir / "amax").exists()
+    # A state that another config wrote is refused, and kept.
+    states = sorted((run_dir / "resume").glob("rank0-mp1-layer*.pt"))
+    latest = torch.load(states[-1], weights_only=False)
+    torch.save({**latest, "fingerprint": "of-another-config"}, states[-1])
+    result = cli(run_dir, *overrides, "calib.resume=true")
+    assert_failed(result, run_dir, "another config")
+    assert states[-1].exists()
+    torch.save(latest, states[-1])
     result = cli(run_dir, *overrides, "calib.resume=true")
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(run_dir)
     assert m["status"] == "ok" and m["layerwise"]["resumed_from_layer"] >= 2
     assert_same_run(whole, run_dir)
     assert not (run_dir / "resume").exists()
-
-
-def test_resume_with_another_config_is_refused(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    (run_dir / "resume").mkdir(parents=True)
-    torch.save({"fingerprint": "of-another-config"}, run_dir / "resume" / "rank0-mp1-layer0002.pt")
-    result = cli(run_dir, "calib.layerwise=true", "calib.resume=true", "logger=none")
-    assert_failed(result, run_dir, "another config")
-    assert (run_dir / "resume" / "rank0-mp1-layer0002.pt").exists()  # a failed run keeps the state
 
 
 @pytest.mark.slow  # two subprocess runs of a 24-layer model
