@@ -155,3 +155,17 @@ def test_streamed_run_on_the_gpu_with_hidden_states_on_the_host(tmp_path, cache_
     streamed = run_job(tmp_path / "streamed", [*common, "calib.layerwise=true", "calib.hidden_on_host=true"])
     assert_same_run(resident, streamed)
     assert metrics(streamed)["memory"]["max_peak_gpu_gb"] < metrics(resident)["memory"]["max_peak_gpu_gb"]
+
+
+def test_streamed_run_logs_its_layer_timings_to_wandb(tmp_path, cache_dir):
+    from test_observability import _offline_run
+
+    run_dir = run_job(tmp_path, ["logger=wandb", "calib.layerwise=true"])
+    offline, folder = _offline_run(run_dir)
+    history = {k: v for h in offline.history for k, v in h.items()}
+    assert history["layers/_type"] == "table-file"
+    table = json.loads((folder / "files" / history["layers/path"]).read_text())
+    with open(run_dir / "stats" / "layers.csv") as f:
+        rows = list(csv.reader(f))
+    assert table["columns"] == rows[0] and [r[0] for r in table["data"]] == [0, 1, 2, 3]
+    assert offline.summary["layerwise/layers"] == 4 and offline.summary["memory/max_peak_rss_gb"] > 0

@@ -9,6 +9,7 @@ to an offline run, to be synced later; WANDB_MODE=disabled turns W&B off as logg
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import shutil
@@ -95,6 +96,9 @@ class Tracker:
             for kind, values in sorted(kinds.items()):
                 data[f"amax/{role}/{kind}"] = wandb.Histogram(np.asarray(values), num_bins=64)
         data["experts"] = expert_table(stats)
+        layers = run_dir / "stats" / "layers.csv"
+        if layers.exists():  # a layer-streamed run: each layer's seconds
+            data["layers"] = csv_table(layers)
         for path in plots:
             data[f"plots/{path.stem}"] = wandb.Image(str(path))
         self.run.log(data)
@@ -126,6 +130,15 @@ class Tracker:
         except Exception as err:  # noqa: BLE001
             log.warning("W&B finish failed: %s", err)
         self.run = None
+
+
+def csv_table(path: Path):
+    """A CSV file of numbers as a W&B table (its header as the columns)."""
+    import wandb
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return wandb.Table(columns=rows[0], data=[[float(v) for v in row] for row in rows[1:]])
 
 
 def expert_table(stats: RunStats):
