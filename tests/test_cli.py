@@ -233,23 +233,24 @@ def test_overflowing_activations_name_the_module(tmp_path, cache_dir):
     assert_failed(result, tmp_path / "run", "non-finite activations", "layers.1")
 
 
-def test_in_process_run_puts_back_the_sigterm_handler(tmp_path, cache_dir):
-    # execute() turns SIGTERM into an exception while a job runs; afterwards the caller's handler is back.
+def test_in_process_run_puts_back_the_signal_handlers(tmp_path, cache_dir):
+    # execute() turns SIGTERM and SIGINT into an exception while a job runs; afterwards the caller's handlers are back.
     from conftest import run_job
 
     def mine(signum, frame):
         raise AssertionError("not expected to be called")
 
-    before = signal.signal(signal.SIGTERM, mine)
+    before = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run_job(tmp_path / "ok", ["data.num_samples=4"])
         assert metrics(tmp_path / "ok" / "run")["status"] == "ok"
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
         with pytest.raises(Exception, match="num_samples"):
             run_job(tmp_path / "bad", ["data.num_samples=0"])
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("model", ["deepseek_v3", "deepseek_16b"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,13 +18,15 @@ from deepseek_ptq.pipeline import rundir
 from deepseek_ptq.pipeline.config import register_schema
 from deepseek_ptq.pipeline.launch import (
     JoinedRank,
+    PeerLost,
     RankFailed,
     check_local_gpus,
     joined_rank,
     let_rank0_record_first,
     rank_main,
+    restore_signals,
     spawn,
-    stop_on_sigterm,
+    stop_on_signals,
     terminated,
 )
 
@@ -44,16 +45,15 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
     joined = joined_rank()
     rank = joined.rank if joined else 0
     world_size = cfg.parallel.world_size
-    installed, previous = False, None
-    if joined is not None or world_size == 1:
-        # (the spawning parent keeps Python's default: its children must not outlive it)
-        previous, installed = stop_on_sigterm(run_dir if rank == 0 else None), True
+    # SIGTERM / SIGINT stop the job, recorded; the spawning parent only notes the signal and stops its ranks.
+    previous = stop_on_signals(run_dir if rank == 0 else None, interrupt=joined is not None or world_size == 1)
     try:
         _execute(cfg, run_dir, joined, rank, world_size)
     finally:
-        if installed:  # the job is over: the caller's handler again (a test process, whoever calls execute)
-            # (None: a handler set outside Python, which cannot be put back; the default is the nearest)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        restore_signals(previous)  # the job is over: the caller's handlers again
+    stop = terminated()
+    if stop is not None:  # (noted by the spawning parent after its ranks had finished: the run was still stopped)
+        raise stop
 
 
 def _execute(cfg: DictConfig, run_dir: Path, joined: JoinedRank | None, rank: int, world_size: int) -> None:
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def _record_failure(run_dir: Path, err: BaseException) -> None:
-    """``status: failed`` in metrics.json, then exit: 143 when stopped by SIGTERM, 1 for a user or rank error,
+    """``status: failed`` in metrics.json, then exit: 143 / 130 when stopped by SIGTERM / SIGINT, 1 for a user or rank error,
     the exception itself otherwise. In a sweep an ordinary failure ends only its job."""
     log = logging.getLogger("deepseek_ptq")
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
@@ -105,9 +105,9 @@ def _record_failure(run_dir: Path, err: BaseException) -> None:
     if stop is not None:  # whatever the signal surfaced as (an extension may have replaced it): the run was stopped
         log.error("%s", stop)
         rundir.mark_failed(run_dir, stop)
-        sys.exit(128 + 15)
+        sys.exit(stop.exit_code)  # 143 (SIGTERM) or 130 (SIGINT); a sweep ends here too
     rundir.mark_failed(run_dir, err)
-    if isinstance(err, (UserError, RankFailed)):
+    if isinstance(err, (UserError, RankFailed, PeerLost)):
         log.error("%s", err)
         if not multirun:
             sys.exit(1)
