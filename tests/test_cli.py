@@ -174,8 +174,9 @@ def test_short_calibration_leaves_experts_without_tokens_and_still_syncs(tmp_pat
 @pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run_dir, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "deepseek_ptq",
                              f"hydra.run.dir={run_dir}", *FAST, "parallel=mp2"],
                             capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
@@ -183,6 +184,7 @@ def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
     assert metrics(run_dir)["status"] == "ok" and metrics(run_dir)["world_size"] == 2
     assert sorted(p.name for p in (run_dir / "amax").iterdir()) == ["amax_dict_rank0-mp2.pt", "amax_dict_rank1-mp2.pt"]
     assert (run_dir / "rank1.log").exists() and not list(tmp_path.glob("outputs"))
+    assert not list(temp.glob("deepseek_ptq_rank*"))  # rank 1's scratch folder for Hydra goes with the rank
 
 
 def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
