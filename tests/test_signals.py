@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ import pytest
 from conftest import with_fast
 from test_cli import metrics
 
-from deepseek_ptq.pipeline.launch import free_port
+from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.pipeline.launch import Peer, PeerLost, free_port, record_rank_failure
 
 # Long enough that the signal lands inside calibration (W=2 calibrates 32 batches in about 3 s here).
 LONGER = ["data.num_samples=128", "parallel.timeout_s=60"]
@@ -111,3 +113,23 @@ def test_killed_torchrun_rank_is_named(tmp_path, cache_dir):
     assert m["error"].startswith(f"rank 1 died (process {rank1} on "), m["error"]
     assert "Traceback" not in out.split("torch/distributed/elastic")[0], out[-3000:]  # (torchrun's own report follows)
     assert not _in_session(proc.pid)
+
+
+def test_lost_peer_on_another_host_is_not_blamed_on_the_survivor(tmp_path):
+    """What a survivor records for gloo's "Connection reset by peer": a peer on another host was lost (which one
+    its address says), with no failed_rank; with every peer on this host alive, its own error as before."""
+    gloo = "[gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:6535: Connection reset by peer. GLHF!"
+    remote = [Peer(socket.gethostname(), os.getpid()), Peer("another-host", 4242)]
+    (tmp_path / "a").mkdir()
+    rundir.write_metrics(tmp_path / "a", {"status": "running"})
+    failure = record_rank_failure(RuntimeError(gloo), tmp_path / "a", 0, remote)
+    assert isinstance(failure, PeerLost)
+    m = metrics(tmp_path / "a")
+    assert m["error"] == f"rank 0 lost a peer on another host (that rank's log says why): {gloo}" and "failed_rank" not in m
+
+    local = [Peer(socket.gethostname(), os.getpid()), Peer(socket.gethostname(), os.getpid())]  # rank 1: alive
+    (tmp_path / "b").mkdir()
+    rundir.write_metrics(tmp_path / "b", {"status": "running"})
+    err = RuntimeError(gloo)
+    assert record_rank_failure(err, tmp_path / "b", 0, local) is err
+    assert metrics(tmp_path / "b")["failed_rank"] == 0

@@ -183,7 +183,11 @@ def _dead(pid: int) -> bool:
 
 
 # How gloo and NCCL say that the other end of a collective went away.
-_LOST_CONNECTION = ("by peer", "Broken pipe", "remote process exited", "Connection refused", "Socket Timeout")
+_LOST_CONNECTION = ("by peer", "Broken pipe", "remote process exited")
+
+
+def _lost_connection(err: BaseException) -> bool:
+    return any(words in str(err) for words in _LOST_CONNECTION)
 
 
 def dead_peers(peers: list[Peer], rank: int, err: BaseException) -> list[int]:
@@ -191,7 +195,9 @@ def dead_peers(peers: list[Peer], rank: int, err: BaseException) -> list[int]:
     kernel closes a killed process's sockets just before the process is gone."""
     host = socket.gethostname()
     local = [r for r, peer in enumerate(peers) if r != rank and peer.host == host]
-    deadline = time.monotonic() + (2.0 if any(s in str(err) for s in _LOST_CONNECTION) else 0.0)
+    if not local:
+        return []
+    deadline = time.monotonic() + (2.0 if _lost_connection(err) else 0.0)
     while True:
         dead = [r for r in local if _dead(peers[r].pid)]
         if dead or time.monotonic() >= deadline:
@@ -200,16 +206,20 @@ def dead_peers(peers: list[Peer], rank: int, err: BaseException) -> list[int]:
 
 
 class PeerLost(RuntimeError):
-    """A rank died without recording why (killed, out of memory), and a survivor's collective failed with it."""
+    """A survivor's collective failed because a peer went away: the rank that died without recording why
+    (killed, out of memory) when it ran on this host, else just that a peer was lost (gloo names its address)."""
 
-    def __init__(self, rank: int, peer: Peer, survivor: int, error: BaseException) -> None:
+    def __init__(self, survivor: int, error: BaseException, rank: int | None = None, peer: Peer | None = None) -> None:
         self.rank = rank
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        super().__init__(f"rank {rank} died (process {peer.pid} on {peer.host} ended without an error: killed, "
-                         f"or out of memory); rank {survivor} lost it: {first_line}")
+        if rank is None or peer is None:
+            super().__init__(f"rank {survivor} lost a peer on another host (that rank's log says why): {first_line}")
+        else:
+            super().__init__(f"rank {rank} died (process {peer.pid} on {peer.host} ended without an error: killed, "
+                             f"or out of memory); rank {survivor} lost it: {first_line}")
 
 
-def _record_rank_failure(err: BaseException, run_dir: Path | None, rank: int, peers: list[Peer]) -> BaseException:
+def record_rank_failure(err: BaseException, run_dir: Path | None, rank: int, peers: list[Peer]) -> BaseException:
     """Log and record (metrics.json) why this rank ends; returns the exception it ends with."""
     _recording_failure()
     stop = terminated()
@@ -220,15 +230,17 @@ def _record_rank_failure(err: BaseException, run_dir: Path | None, rank: int, pe
             rundir.mark_failed(run_dir, stop)
         return stop
     dead = dead_peers(peers, rank, err) if peers and not isinstance(err, UserError) else []
-    if dead:  # this rank's own error ("Connection reset by peer") would blame the wrong rank
+    remote = any(peer.host != socket.gethostname() for peer in peers)
+    if dead or (remote and _lost_connection(err)):  # this rank's own "Connection reset by peer" blames it wrongly
         first = RunMetrics.read(run_dir) if run_dir is not None else None
         if first is not None and first.status == "failed":  # the peer recorded its failure: the run's error
             log.error("rank %d stopped: a peer failed first (%s)", rank, first.error)
             return err
-        lost = PeerLost(dead[0], peers[dead[0]], rank, err).with_traceback(err.__traceback__)
+        lost = (PeerLost(rank, err, dead[0], peers[dead[0]]) if dead else PeerLost(rank, err))
+        lost = lost.with_traceback(err.__traceback__)
         log.error("%s", lost)
         if run_dir is not None:
-            rundir.mark_failed(run_dir, lost, dead[0])
+            rundir.mark_failed(run_dir, lost, lost.rank)
         return lost
     if isinstance(err, UserError):  # the problem and its fix say it all (metrics.json keeps the traceback)
         log.error("rank %d failed: %s", rank, err)
@@ -262,7 +274,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
         log.info("rank %d of %d: pid %d on %s", rank, world_size, os.getpid(), socket.gethostname())
         run_rank(cfg, run_dir, Parallel(rank, world_size, None), device)
     except BaseException as err:
-        failure = _record_rank_failure(err, run_dir, rank, peers)
+        failure = record_rank_failure(err, run_dir, rank, peers)
         if failure is err:
             raise
         raise failure from (None if isinstance(failure, Terminated) else err)
