@@ -9,4 +9,5 @@ class UserError(Exception):
     def __init__(self, problem: str, fix: str | None = None) -> None:
         self.problem = problem
         self.fix = fix
+        self.logged = False  # set once the console has it, so that it is said once
         super().__init__(f"{problem}. Fix: {fix}" if fix else problem)

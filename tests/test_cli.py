@@ -175,8 +175,9 @@ def test_short_calibration_leaves_experts_without_tokens_and_still_syncs(tmp_pat
 @pytest.mark.slow  # two spawned ranks or several subprocess runs
 def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run_dir, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "deepseek_ptq",
                              f"hydra.run.dir={run_dir}", *FAST, "parallel=mp2"],
                             capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
@@ -184,6 +185,7 @@ def test_torchrun_ranks_share_one_run_directory(tmp_path, cache_dir):
     assert metrics(run_dir)["status"] == "ok" and metrics(run_dir)["world_size"] == 2
     assert sorted(p.name for p in (run_dir / "amax").iterdir()) == ["amax_dict_rank0-mp2.pt", "amax_dict_rank1-mp2.pt"]
     assert (run_dir / "rank1.log").exists() and not list(tmp_path.glob("outputs"))
+    assert not list(temp.glob("deepseek_ptq_rank*"))  # rank 1's scratch folder for Hydra goes with the rank
 
 
 def test_torchrun_world_size_mismatch_fails_clearly(tmp_path, cache_dir):
@@ -234,23 +236,24 @@ def test_overflowing_activations_name_the_module(tmp_path, cache_dir):
     assert_failed(result, tmp_path / "run", "non-finite activations", "layers.1")
 
 
-def test_in_process_run_puts_back_the_sigterm_handler(tmp_path, cache_dir):
-    # execute() turns SIGTERM into an exception while a job runs; afterwards the caller's handler is back.
+def test_in_process_run_puts_back_the_signal_handlers(tmp_path, cache_dir):
+    # execute() turns SIGTERM and SIGINT into an exception while a job runs; afterwards the caller's handlers are back.
     from conftest import run_job
 
     def mine(signum, frame):
         raise AssertionError("not expected to be called")
 
-    before = signal.signal(signal.SIGTERM, mine)
+    before = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run_job(tmp_path / "ok", ["data.num_samples=4"])
         assert metrics(tmp_path / "ok" / "run")["status"] == "ok"
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
         with pytest.raises(Exception, match="num_samples"):
             run_job(tmp_path / "bad", ["data.num_samples=0"])
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("model", ["deepseek_v3", "deepseek_16b"])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -19,13 +21,15 @@ from deepseek_ptq.pipeline import rundir
 from deepseek_ptq.pipeline.config import register_schema
 from deepseek_ptq.pipeline.launch import (
     JoinedRank,
+    PeerLost,
     RankFailed,
     check_local_gpus,
     joined_rank,
     let_rank0_record_first,
     rank_main,
+    restore_signals,
     spawn,
-    stop_on_sigterm,
+    stop_on_signals,
     terminated,
 )
 from deepseek_ptq.pipeline.validate import validate
@@ -45,16 +49,32 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
     joined = joined_rank()
     rank = joined.rank if joined else 0
     world_size = cfg.parallel.world_size
-    installed, previous = False, None
-    if joined is not None or world_size == 1:
-        # (the spawning parent keeps Python's default: its children must not outlive it)
-        previous, installed = stop_on_sigterm(run_dir if rank == 0 else None), True
+    # SIGTERM / SIGINT stop the job, recorded; the spawning parent only notes the signal and stops its ranks.
+    previous = stop_on_signals(run_dir if rank == 0 else None, interrupt=joined is not None or world_size == 1)
     try:
         _execute(cfg, run_dir, joined, rank, world_size)
     finally:
-        if installed:  # the job is over: the caller's handler again (a test process, whoever calls execute)
-            # (None: a handler set outside Python, which cannot be put back; the default is the nearest)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        restore_signals(previous)  # the job is over: the caller's handlers again
+        _free_job_memory()
+    stop = terminated()
+    if stop is not None:  # (noted by the spawning parent after its ranks had finished: the run was still stopped)
+        raise stop
+
+
+def _free_job_memory() -> None:
+    """What the job held, released before the next job of an in-process sweep loads its model.
+
+    The model sits in reference cycles, which Python frees only at an occasional full collection: without
+    this, one job's model (at 671B scale, its GPU memory) could still be there while the next one loads.
+    malloc_trim hands the freed heap back to the system (glibc; elsewhere nothing to do).
+    """
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _execute(cfg: DictConfig, run_dir: Path, joined: JoinedRank | None, rank: int, world_size: int) -> None:
@@ -87,10 +107,14 @@ register_schema()
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     start = time.perf_counter()
+    failed = False
     try:
         execute(cfg, run_dir)
     except BaseException as err:
         _record_failure(run_dir, err)  # returns only where a sweep goes on past this job
+        failed = True
+    if failed:
+        _free_job_memory()  # the failure's traceback held the job's frames, its model among them, until here
         return
     joined = joined_rank()
     if joined is None or joined.rank == 0:
@@ -98,7 +122,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def _record_failure(run_dir: Path, err: BaseException) -> None:
-    """``status: failed`` in metrics.json, then exit: 143 when stopped by SIGTERM, 1 for a user or rank error,
+    """``status: failed`` in metrics.json, then exit: 143 / 130 when stopped by SIGTERM / SIGINT, 1 for a user or rank error,
     the exception itself otherwise. In a sweep an ordinary failure ends only its job."""
     log = logging.getLogger("deepseek_ptq")
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
@@ -106,10 +130,11 @@ def _record_failure(run_dir: Path, err: BaseException) -> None:
     if stop is not None:  # whatever the signal surfaced as (an extension may have replaced it): the run was stopped
         log.error("%s", stop)
         rundir.mark_failed(run_dir, stop)
-        sys.exit(128 + 15)
+        sys.exit(stop.exit_code)  # 143 (SIGTERM) or 130 (SIGINT); a sweep ends here too
     rundir.mark_failed(run_dir, err)
-    if isinstance(err, (UserError, RankFailed)):
-        log.error("%s", err, exc_info=err, extra=rundir.BRIEF)  # the traceback in run.log only
+    if isinstance(err, (UserError, RankFailed, PeerLost)):
+        if not getattr(err, "logged", False):  # (a UserError a rank of this process said already)
+            log.error("%s", err, exc_info=err, extra=rundir.BRIEF)  # the traceback in run.log only
         if not multirun:
             sys.exit(1)
     elif multirun and isinstance(err, Exception):

@@ -2,6 +2,7 @@
 
 A rank that raises records the failure (metrics.json "failed", its traceback in its log) and exits
 non-zero; the spawner or torchrun then ends the others. Every collective is bounded by parallel.timeout_s.
+SIGTERM or SIGINT to any process of a run stops every rank and records the signal (stop_on_signals).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -48,37 +50,72 @@ def joined_rank() -> JoinedRank | None:
     return None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class Terminated(BaseException):
-    """The launcher stopped this rank (torchrun and srun send SIGTERM to the others when one rank fails)."""
+    """This process was told to stop: SIGTERM (torchrun or srun ending the other ranks after one failed, a
+    scheduler's time limit, the spawning parent stopping its ranks) or SIGINT (Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        why = "Ctrl-C" if signum == signal.SIGINT else "another rank failed, or the launcher or a scheduler stopped the run"
+        super().__init__(f"stopped by {signal.Signals(signum).name} (signal {signum}: {why})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Terminated, (self.signum,)
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process ended by the signal: 143 for SIGTERM, 130 for SIGINT."""
+        return 128 + self.signum
 
 
 _terminated: Terminated | None = None
+_failing = False  # a failure is being recorded: the launcher's SIGTERM that follows it must not replace it
 
 
-def stop_on_sigterm(run_dir: Path | None) -> Any:
-    """Turn SIGTERM into an exception, so a joined rank (or a one-process run stopped by SLURM or ``timeout``)
-    records ``failed`` and closes W&B instead of vanishing with metrics.json still saying ``running``.
+def stop_on_signals(run_dir: Path | None, interrupt: bool = True) -> dict[int, Any]:
+    """Turn SIGTERM and SIGINT into ``Terminated``, so a run stopped by a launcher, a scheduler or Ctrl-C records
+    ``failed`` (the signal named) and closes W&B instead of vanishing with metrics.json still saying ``running``.
 
     The failure is recorded in the handler itself: a C extension that is calling back into Python when the
     signal lands may turn the exception into one of its own (safetensors raised a ValueError in a CI run).
-    Returns the handler it replaced, for the caller to put back when the run ends.
+    Only the first signal raises: another one (the group's and the parent's forwarded one, Ctrl-C twice) must
+    not interrupt the unwinding. ``interrupt=False`` only records it: the spawning parent polls ``terminated()``
+    while it waits for its ranks, then stops them. Returns the handlers it replaced, for ``restore_signals``.
     """
+    global _terminated, _failing
+    _terminated, _failing = None, False
 
-    def _raise(signum: int, _frame: Any) -> None:
+    def _stop(signum: int, _frame: Any) -> None:
         global _terminated
-        err = Terminated(f"stopped by signal {signum} (another rank failed, or the launcher was stopped)")
-        if _terminated is None:
-            _terminated = err
-            if run_dir is not None:
-                rundir.mark_failed(run_dir, err)
-        raise err
+        if _terminated is not None or _failing:
+            return
+        _terminated = Terminated(signum)
+        if run_dir is not None:
+            rundir.mark_failed(run_dir, _terminated)
+        if interrupt:
+            raise _terminated
 
-    return signal.signal(signal.SIGTERM, _raise)
+    return {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    """The handlers ``stop_on_signals`` replaced (the caller's again: a test process, whoever calls execute)."""
+    for signum, handler in previous.items():
+        # (None: a handler set outside Python, which cannot be put back; the default is the nearest)
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def terminated() -> Terminated | None:
-    """The SIGTERM this process received, if any (whatever exception it surfaced as)."""
+    """The stop signal this process received, if any (whatever exception it surfaced as)."""
     return _terminated
+
+
+def _recording_failure() -> None:
+    global _failing
+    _failing = True
 
 
 def let_rank0_record_first(rank: int) -> None:
@@ -122,6 +159,99 @@ def _init_group(device: torch.device, rank: int, world_size: int, timeout_s: flo
                             device_id=device if device.type == "cuda" else None)
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Where a rank runs: what a survivor checks to name the rank that died under it."""
+
+    host: str
+    pid: int
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie (dead, not yet reaped by its launcher) still takes signal 0
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: alive as far as can be told
+        return False
+
+
+# How gloo and NCCL say that the other end of a collective went away.
+_LOST_CONNECTION = ("by peer", "Broken pipe", "remote process exited")
+
+
+def _lost_connection(err: BaseException) -> bool:
+    return any(words in str(err) for words in _LOST_CONNECTION)
+
+
+def dead_peers(peers: list[Peer], rank: int, err: BaseException) -> list[int]:
+    """The ranks on this host whose process has died. After a lost connection the check waits a moment: the
+    kernel closes a killed process's sockets just before the process is gone."""
+    host = socket.gethostname()
+    local = [r for r, peer in enumerate(peers) if r != rank and peer.host == host]
+    if not local:
+        return []
+    deadline = time.monotonic() + (2.0 if _lost_connection(err) else 0.0)
+    while True:
+        dead = [r for r in local if _dead(peers[r].pid)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+class PeerLost(RuntimeError):
+    """A survivor's collective failed because a peer went away: the rank that died without recording why
+    (killed, out of memory) when it ran on this host, else just that a peer was lost (gloo names its address)."""
+
+    def __init__(self, survivor: int, error: BaseException, rank: int | None = None, peer: Peer | None = None) -> None:
+        self.rank = rank
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if rank is None or peer is None:
+            super().__init__(f"rank {survivor} lost a peer on another host (that rank's log says why): {first_line}")
+        else:
+            super().__init__(f"rank {rank} died (process {peer.pid} on {peer.host} ended without an error: killed, "
+                             f"or out of memory); rank {survivor} lost it: {first_line}")
+
+
+def record_rank_failure(err: BaseException, run_dir: Path | None, rank: int, peers: list[Peer]) -> BaseException:
+    """Log and record (metrics.json) why this rank ends; returns the exception it ends with."""
+    _recording_failure()
+    stop = terminated()
+    if stop is not None:  # whatever the stop surfaced as (a collective that a stopped peer left, ...)
+        if rank != 0:  # (rank 0's stop is said once, by the process that records the run)
+            log.info("rank %d %s", rank, stop)
+        if run_dir is not None:
+            rundir.mark_failed(run_dir, stop)
+        return stop
+    dead = dead_peers(peers, rank, err) if peers and not isinstance(err, UserError) else []
+    remote = any(peer.host != socket.gethostname() for peer in peers)
+    if dead or (remote and _lost_connection(err)):  # this rank's own "Connection reset by peer" blames it wrongly
+        first = RunMetrics.read(run_dir) if run_dir is not None else None
+        if first is not None and first.status == "failed":  # the peer recorded its failure: the run's error
+            log.error("rank %d stopped: a peer failed first (%s)", rank, first.error)
+            return err
+        lost = (PeerLost(rank, err, dead[0], peers[dead[0]]) if dead else PeerLost(rank, err))
+        lost = lost.with_traceback(err.__traceback__)
+        log.error("%s", lost)
+        if run_dir is not None:
+            rundir.mark_failed(run_dir, lost, lost.rank)
+        return lost
+    if isinstance(err, UserError):  # the problem and its fix say it all (the traceback: the log file)
+        log.error("rank %d failed: %s", rank, err, exc_info=err, extra=rundir.BRIEF)
+        err.logged = True  # said once: the app does not repeat it when this process is the run's
+    else:
+        log.error("rank %d failed: %s\n%s", rank, err, traceback.format_exc())
+    if run_dir is not None:
+        rundir.mark_failed(run_dir, err, rank)
+    return err
+
+
 def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_rank: int, init_method: str) -> None:
     """Everything one rank does, with its failure recorded before it leaves.
 
@@ -129,6 +259,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
     """
     from deepseek_ptq.pipeline.job import run_rank
 
+    peers: list[Peer] = []
     try:
         device = pick_device(choice(cfg.parallel.device), local_rank)
         if device.type == "cpu" and joined_rank() is None and world_size > 1:
@@ -136,45 +267,92 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if world_size > 1:
             _init_group(device, rank, world_size, cfg.parallel.timeout_s, init_method)
-            shared = [str(run_dir) if rank == 0 else None]
-            dist.broadcast_object_list(shared, src=0)
-            run_dir = Path(shared[0])
+            shared = rundir.gather_to_all((Peer(socket.gethostname(), os.getpid()), str(run_dir) if rank == 0 else None),
+                                          world_size)
+            peers, run_dir = [peer for peer, _ in shared], Path(shared[0][1])
         assert run_dir is not None
         rundir.setup_logging(run_dir, rank, cfg.log_level)
+        log.info("rank %d of %d: pid %d on %s", rank, world_size, os.getpid(), socket.gethostname())
         run_rank(cfg, run_dir, Parallel(rank, world_size, None), device)
     except BaseException as err:
-        if isinstance(err, UserError):  # the problem and its fix say it all (metrics.json keeps the traceback)
-            log.error("rank %d failed: %s", rank, err, exc_info=err, extra=rundir.BRIEF)  # (traceback: the log file)
-        else:
-            log.error("rank %d failed: %s\n%s", rank, err, traceback.format_exc())
-        if run_dir is not None:
-            rundir.mark_failed(run_dir, err, rank)
-        raise
+        failure = record_rank_failure(err, run_dir, rank, peers)
+        if failure is err:
+            raise
+        raise failure from (None if isinstance(failure, Terminated) else err)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _spawned(local_rank: int, cfg_yaml: str, run_dir: str, world_size: int, init_method: str) -> None:
+    # A rank signalled itself (Ctrl-C or SIGTERM to the whole process group) stops as the parent does: quietly,
+    # with the signal's exit code. Rank 0 records it too, in case the parent is gone (SIGKILL).
+    stop_on_signals(Path(run_dir) if local_rank == 0 else None)
     cfg = OmegaConf.create(cfg_yaml)
-    rank_main(cfg, Path(run_dir), local_rank, world_size, local_rank, init_method)
+    try:
+        rank_main(cfg, Path(run_dir), local_rank, world_size, local_rank, init_method)
+    except Terminated as stop:
+        sys.exit(stop.exit_code)
+
+
+def stop_ranks(processes: list[Any], grace_s: float) -> None:
+    """SIGTERM to every rank still running; SIGKILL to any still there after ``grace_s`` (a rank blocked in a
+    collective returns within the collective timeout). Every rank is joined: none outlives the command."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            log.warning("rank process %d did not stop within %.0f s: killed", process.pid, grace_s)
+            process.kill()
+            process.join()
+
+
+def _stop_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started for the spawned ranks, would exit only once this process has
+    (its pipe closed): stopped here, so that no process outlives the command. (A private call, hence getattr.)"""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def spawn(cfg: Any, run_dir: Path) -> None:
-    """Start parallel.world_size local ranks and wait; any rank's failure ends them all."""
+    """Start parallel.world_size local ranks and wait; any rank's failure ends them all, and so does SIGTERM
+    or SIGINT to this process (``stop_on_signals(..., interrupt=False)`` records it; the ranks are stopped here)."""
     world_size = cfg.parallel.world_size
     init_method = f"tcp://127.0.0.1:{cfg.parallel.master_port or free_port()}"
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    stop = terminated()
+    if stop is not None:  # (stopped before a rank started)
+        raise stop
+    context = mp.start_processes(_spawned, args=(cfg_yaml, str(run_dir), world_size, init_method), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    failure: mp.ProcessRaisedException | mp.ProcessExitedException | None = None
     try:
-        mp.start_processes(_spawned, args=(cfg_yaml, str(run_dir), world_size, init_method), nprocs=world_size,
-                           join=True, start_method="spawn")
-    except mp.ProcessRaisedException as err:
+        while terminated() is None and not context.join(timeout=0.2):
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        failure = err
+    stop = terminated()
+    if stop is not None:
+        stop_ranks(context.processes, cfg.parallel.timeout_s)
+        rundir.mark_failed(run_dir, stop)  # (a rank that finished while the others stopped may have written "ok")
+    _stop_resource_tracker()
+    if stop is not None:
+        raise stop
+    if isinstance(failure, mp.ProcessRaisedException):
         failed = RunMetrics.read(run_dir)
-        raise RankFailed(failed.failed_rank if failed and failed.failed_rank is not None else err.error_index,
-                         failed.error if failed and failed.error else str(err)) from None
-    except mp.ProcessExitedException as err:
-        rundir.mark_failed(run_dir, f"rank {err.error_index} exited with code {err.exit_code}", err.error_index)
-        raise RankFailed(err.error_index, f"exited with code {err.exit_code}") from None
+        raise RankFailed(failed.failed_rank if failed and failed.failed_rank is not None else failure.error_index,
+                         failed.error if failed and failed.error else str(failure)) from None
+    if isinstance(failure, mp.ProcessExitedException):
+        rundir.mark_failed(run_dir, f"rank {failure.error_index} exited with code {failure.exit_code}",
+                           failure.error_index)
+        raise RankFailed(failure.error_index, f"exited with code {failure.exit_code}") from None
 
 
 class RankFailed(RuntimeError):

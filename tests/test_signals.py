@@ -1,0 +1,135 @@
+"""Runs stopped from outside (subprocesses, real signals, real gloo ranks): SIGTERM (a scheduler's time limit,
+torchrun ending the others) and SIGINT (Ctrl-C) to the command or to its whole process group, and a rank
+killed under torchrun. No process may outlive the command; metrics.json names what happened."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import with_fast
+from test_cli import metrics
+
+from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.pipeline.launch import Peer, PeerLost, free_port, record_rank_failure
+
+# Long enough that the signal lands inside calibration (W=2 calibrates 32 batches in about 3 s here).
+LONGER = ["data.num_samples=128", "parallel.timeout_s=60"]
+
+
+def _start(args: list[str], tmp: Path) -> subprocess.Popen:
+    # A session of its own: the test can signal the whole group (what a terminal's Ctrl-C and a scheduler do),
+    # then look for any process left in it. TMPDIR: what the ranks leave in the temp dir is this test's.
+    (tmp / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmp")}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, cwd=tmp)
+
+
+def _rank_logs(run_dir: Path, world_size: int) -> list[Path]:
+    return [run_dir / "run.log"] + [run_dir / f"rank{r}.log" for r in range(1, world_size)]
+
+
+def _wait_for_calibration(proc: subprocess.Popen, run_dir: Path, world_size: int) -> list[int]:
+    """Every rank's pid, once every rank's log says calibration started."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        texts = [log.read_text() if log.exists() else "" for log in _rank_logs(run_dir, world_size)]
+        if all("calibration path" in text for text in texts):
+            return [int(re.search(rf"rank {r} of {world_size}: pid (\d+)", text).group(1)) for r, text in enumerate(texts)]
+        time.sleep(0.05)
+    raise AssertionError(f"calibration did not start (exit {proc.poll()}): {proc.stdout.read()[-2000:] if proc.poll() is not None else ''}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _in_session(sid: int) -> list[str]:
+    """Every process of the session the command started (its ranks, multiprocessing's helpers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid:
+                found.append(f"{entry} ({stat.split('(', 1)[1].split(')')[0]}, state {fields[0]})")
+    return found
+
+
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("to_group", [False, True], ids=["parent", "group"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_every_rank_and_records_failed(tmp_path, cache_dir, world_size, to_group, signum):
+    run_dir = tmp_path / "run"
+    overrides = with_fast(LONGER + (["parallel=mp2"] if world_size == 2 else []))
+    proc = _start([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *overrides], tmp_path)
+    pids = _wait_for_calibration(proc, run_dir, world_size)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=90)
+    assert time.time() - sent < 30, "the ranks were not stopped within the collective timeout"
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert not [pid for pid in pids if _alive(pid)] and not _in_session(proc.pid), _in_session(proc.pid)
+    m = metrics(run_dir)
+    assert m["status"] == "failed" and f"stopped by {signum.name}" in m["error"], m
+    assert "failed_rank" not in m  # no rank is to blame
+    assert not (run_dir / "amax").exists()
+    # One console line says it, and no traceback.
+    assert "Traceback" not in out and out.count("stopped by") == 1, out[-3000:]
+
+
+@pytest.mark.slow  # torchrun with two ranks
+def test_killed_torchrun_rank_is_named(tmp_path, cache_dir):
+    """The survivor's collective fails with gloo's "Connection reset by peer": the record names the rank that
+    died (its process is gone), not the survivor."""
+    run_dir = tmp_path / "run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = _start([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "deepseek_ptq",
+                   f"hydra.run.dir={run_dir}", *with_fast(LONGER + ["parallel=mp2"])], tmp_path)
+    _, rank1 = _wait_for_calibration(proc, run_dir, 2)
+    os.kill(rank1, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    m = metrics(run_dir)
+    assert m["status"] == "failed" and m["failed_rank"] == 1, m
+    assert m["error"].startswith(f"rank 1 died (process {rank1} on "), m["error"]
+    assert "Traceback" not in out.split("torch/distributed/elastic")[0], out[-3000:]  # (torchrun's own report follows)
+    assert not _in_session(proc.pid)
+
+
+def test_lost_peer_on_another_host_is_not_blamed_on_the_survivor(tmp_path):
+    """What a survivor records for gloo's "Connection reset by peer": a peer on another host was lost (which one
+    its address says), with no failed_rank; with every peer on this host alive, its own error as before."""
+    gloo = "[gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:6535: Connection reset by peer. GLHF!"
+    remote = [Peer(socket.gethostname(), os.getpid()), Peer("another-host", 4242)]
+    (tmp_path / "a").mkdir()
+    rundir.write_metrics(tmp_path / "a", {"status": "running"})
+    failure = record_rank_failure(RuntimeError(gloo), tmp_path / "a", 0, remote)
+    assert isinstance(failure, PeerLost)
+    m = metrics(tmp_path / "a")
+    assert m["error"] == f"rank 0 lost a peer on another host (that rank's log says why): {gloo}" and "failed_rank" not in m
+
+    local = [Peer(socket.gethostname(), os.getpid()), Peer(socket.gethostname(), os.getpid())]  # rank 1: alive
+    (tmp_path / "b").mkdir()
+    rundir.write_metrics(tmp_path / "b", {"status": "running"})
+    err = RuntimeError(gloo)
+    assert record_rank_failure(err, tmp_path / "b", 0, local) is err
+    assert metrics(tmp_path / "b")["failed_rank"] == 0
