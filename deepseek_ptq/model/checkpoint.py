@@ -256,12 +256,11 @@ class ShardFile:
             raise UserError(f"{self.path}: {key} cannot be read, corrupt ({err})", fix=REPAIR) from err
 
     @torch.no_grad()
-    def copy_into(self, module: nn.Module, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "",
+    def copy_into(self, module: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
                   progress: bool = False) -> None:
-        """Copy ``module``'s parameters (named ``prefix`` + their name) from ``tensors`` or from the file."""
-        for name, param in tqdm(list(module.named_parameters()), desc=f"load {self.path.name}", disable=not progress,
-                                unit="tensor"):
-            key = prefix + name
+        """Copy ``module``'s parameters (their names are the checkpoint's keys) from ``tensors`` or from the file."""
+        for key, param in tqdm(list(module.named_parameters()), desc=f"load {self.path.name}", disable=not progress,
+                               unit="tensor"):
             tensor = tensors[key] if tensors is not None else self._tensor(key)
             param.data.copy_(tensor.to(param.dtype) if tensor.dtype != param.dtype else tensor,
                              non_blocking=tensor.is_pinned())
@@ -270,15 +269,17 @@ class ShardFile:
         self._stack.close()
 
 
-def expected_params(model: nn.Module, prefix: str = "") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {prefix + name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters()}
+def expected_params(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters()}
 
 
 def load_shard(model: nn.Module, ckpt_dir: Path, rank: int, world_size: int, progress: bool = False) -> None:
     """Copy this rank's shard into the model, checking names, shapes and dtypes first."""
     shard = ShardFile(ckpt_dir, rank, world_size, expected_params(model))
-    shard.copy_into(model, progress=progress)
-    shard.close()
+    try:
+        shard.copy_into(model, progress=progress)
+    finally:
+        shard.close()
 
 
 class ShardReader:

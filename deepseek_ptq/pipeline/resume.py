@@ -86,14 +86,13 @@ def save(run_dir: Path, rank: int, world_size: int, digest: str, state: StreamSt
         _path(run_dir, rank, world_size, old).unlink(missing_ok=True)
 
 
-def load(run_dir: Path, rank: int, world_size: int, digest: str, device: torch.device,
-         group: Any = None) -> StreamState | None:
+def load(run_dir: Path, rank: int, world_size: int, digest: str, device: torch.device) -> StreamState | None:
     """The latest state every rank holds (one collective at W > 1, entered by all); None: nothing to resume."""
     layers = _saved_layers(run_dir, rank, world_size)
     common = set(layers)
     if world_size > 1:
         every: list[list[int] | None] = [None] * world_size
-        dist.all_gather_object(every, layers, group=group)
+        dist.all_gather_object(every, layers)
         common = set.intersection(*(set(x or []) for x in every))
     if not common:
         return None

@@ -49,12 +49,15 @@ class LayerSource:
         self.args, self.par, self.device = args, par, device
         self.random = ckpt if isinstance(ckpt, RandomWeights) else None
         self.shard: ShardFile | None = None
+        self._layer_keys: list[list[str]] = []  # each layer's checkpoint keys, what a read of it asks for
         if self.random is None:
             # Every layer's names, shapes and dtypes are checked against the file's header before any compute:
             # a shard lacking one tensor fails now, naming it, not hours later at its layer.
             expected = expected_params(self._meta_ends())
             for i in range(args.n_layers):
-                expected |= expected_params(self._meta_layer(i))
+                layer = expected_params(self._meta_layer(i))
+                self._layer_keys.append(list(layer))
+                expected |= layer
             self.shard = ShardFile(ckpt, par.rank, par.world_size, expected)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         self._pending: dict[int, Future] = {}
@@ -78,7 +81,7 @@ class LayerSource:
     def prefetch(self, i: int) -> None:
         """Start reading layer ``i`` (nothing to read for drawn weights)."""
         if self.shard is not None and i < self.args.n_layers and i not in self._pending:
-            self._pending[i] = self._pool.submit(self._read, list(expected_params(self._meta_layer(i))))
+            self._pending[i] = self._pool.submit(self._read, self._layer_keys[i])
 
     def ends(self) -> Ends:
         with torch.device(self.device):
