@@ -14,11 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_amax, run_job, with_fast
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from test_cli import assert_failed, cli, metrics
 
+from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import shard_name
 from deepseek_ptq.model.load import PACKAGE_DIR
+from deepseek_ptq.model.parallel import Parallel
+from deepseek_ptq.model.pieces import LayerPiece
+from deepseek_ptq.model.synthetic import init_random_
+from deepseek_ptq.pipeline.rundir import amax_state
+from deepseek_ptq.quant.calibrate import calibrate
+from deepseek_ptq.quant.recipes import build_quant_config
+from deepseek_ptq.quant.reuse import why_not_reuse
 
 EVAL = ["eval.enabled=true", "eval.num_samples=4"]
 
@@ -55,8 +64,39 @@ def test_streamed_run_equals_resident_run(tmp_path, cache_dir, overrides):
     with open(streamed / "stats" / "layers.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["layer"]) for r in rows] == [0, 1, 2, 3] and all(float(r["calibrate_s"]) > 0 for r in rows)
+    # the dense layer and the first MoE layer converted; the later MoE layers took over its modules
+    assert [int(r["converted"]) for r in rows] == [1, 1, 0, 0] and m["layerwise"]["converted_layers"] == 2
     assert m["memory"]["peak_rss_gb"][0] > 0 and "peak_gpu_gb" in m["memory"]
     assert not (streamed / "resume").exists()  # a finished run keeps no resume state
+
+
+def _calibrated_block(layer_id: int, mtq_cfg: dict) -> LayerPiece:
+    args = ModelArgs.from_json(PACKAGE_DIR / "tiny" / "config.json")
+    block = LayerPiece(args, layer_id, Parallel())
+    init_random_(block, 0)
+    hidden = [torch.randn(2, 8, args.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))]
+    calibrate(block.eval(), mtq_cfg, hidden, False, torch.device("cpu"), progress=False, piece=True)
+    return block
+
+
+def test_a_block_is_reused_only_where_the_rules_cannot_tell_the_layers_apart():
+    default = build_quant_config(OmegaConf.create({"preset": "NVFP4_DEFAULT_CFG", "attn": None, "wo": None,
+                                                   "algorithm": None}), on_cpu=True)
+    block = _calibrated_block(1, default)
+    assert why_not_reuse(block, default, 2) is None  # its "*conv1d*" rules match no layer number
+    assert "dense or MoE" in why_not_reuse(_calibrated_block(0, default), default, 1)
+    naming = {**default, "quant_cfg": [*default["quant_cfg"], {"quantizer_name": "*layers.2.ffn.experts.*",
+                                                               "enable": False}]}
+    assert "'*layers.2.ffn.experts.*' tells layers.1.ffn.experts.0" in why_not_reuse(block, naming, 2)
+    assert why_not_reuse(block, naming, 3) is None  # layer 3 is as layer 1 for that rule
+    # what a reused block calibrates starts from nothing: its amax are a fresh block's
+    fresh = amax_state(_calibrated_block(2, default))
+    block.renumber(2)
+    init_random_(block, 0)
+    hidden = [torch.randn(2, 8, block.args.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))]
+    calibrate(block, default, hidden, False, torch.device("cpu"), progress=False, piece=True, converted=True)
+    reused = amax_state(block)
+    assert fresh.keys() == reused.keys() and all(torch.equal(fresh[k], reused[k]) for k in fresh)
 
 
 def test_every_run_reports_peak_memory(tmp_path, cache_dir):

@@ -31,6 +31,20 @@ class LayerPiece(nn.Module):
     def block(self) -> Block:
         return self.layers[str(self.layer_id)]
 
+    def is_dense(self) -> bool:
+        return self.layer_id < self.args.n_dense_layers
+
+    def can_become(self, layer_id: int) -> bool:
+        """Whether layer ``layer_id`` has this block's structure (both dense, or both MoE)."""
+        return (layer_id < self.args.n_dense_layers) == self.is_dense()
+
+    def renumber(self, layer_id: int) -> None:
+        """This block's modules under layer ``layer_id``'s names (a block reused for the next layer; its
+        parameters are refilled by the caller). Nothing in a block depends on its number but its names."""
+        assert self.can_become(layer_id), (self.layer_id, layer_id)
+        self.layers = nn.ModuleDict({str(layer_id): self.block})
+        self.layer_id = layer_id
+
     def moe_layers(self) -> list[tuple[int, MoE]]:
         ffn = self.block.ffn
         return [(self.layer_id, ffn)] if isinstance(ffn, MoE) else []

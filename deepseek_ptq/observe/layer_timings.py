@@ -6,8 +6,10 @@ import csv
 from pathlib import Path
 from typing import Any
 
-# forward_s: the part of calibrate_s spent in the passes over the batches (the rest: modelopt's conversion)
-COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "forward_s", "fixup_s", "eval_s")
+# forward_s: the part of calibrate_s spent in the passes over the batches (the rest: modelopt's conversion and
+# bookkeeping); converted: 1 where the layer's block was converted by modelopt, 0 where it took over the previous
+# layer's converted modules (quant/reuse.py)
+COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "forward_s", "fixup_s", "eval_s", "converted")
 
 
 def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, Any]:
@@ -18,13 +20,16 @@ def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, 
         for entry in g["layers"]:
             row = by_layer.setdefault(entry["layer"], {k: 0.0 for k in COLUMNS[1:]})
             for key in COLUMNS[1:]:
-                row[key] = max(row[key], entry[key])
+                # resume state written by a version without "converted" converted every layer
+                value = entry.get(key, 1.0) if key == "converted" else entry[key]
+                row[key] = max(row[key], value)
     stats_dir.mkdir(parents=True, exist_ok=True)
     with open(stats_dir / "layers.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for layer in sorted(by_layer):
-            writer.writerow([layer] + [f"{by_layer[layer][k]:.4f}" for k in COLUMNS[1:]])
+            row = by_layer[layer]
+            writer.writerow([layer] + [f"{row[k]:.4f}" for k in COLUMNS[1:-1]] + [int(row["converted"])])
     if not by_layer:
         return {"layers": 0}
     totals = {layer: row["load_s"] + row["calibrate_s"] + row["fixup_s"] + row["eval_s"] for layer, row in by_layer.items()}
@@ -35,5 +40,6 @@ def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, 
     return {"layers": len(by_layer), "slowest_layer": slowest, "slowest_layer_s": totals[slowest],
             "layer_s": layer_time, "read_s": read, "read_wait_s": wait,
             "forward_s": sum(row["forward_s"] for row in by_layer.values()),
+            "converted_layers": sum(int(row["converted"]) for row in by_layer.values()),
             # reading runs beside the compute: the share that held the stream up is the wait's
             "read_wait_share": wait / layer_time if layer_time > 0 else 0.0}

@@ -36,7 +36,9 @@ def format_summary(metrics: dict[str, Any], run_dir: Path) -> str:
     streamed = metrics.get("layerwise")
     if streamed and streamed.get("layers"):
         resumed = streamed.get("resumed_from_layer")
-        lines.append(f"  layers     {streamed['layers']} streamed{f' (resumed at layer {resumed})' if resumed else ''}; "
+        converted = streamed.get("converted_layers", streamed["layers"])
+        lines.append(f"  layers     {streamed['layers']} streamed{f' (resumed at layer {resumed})' if resumed else ''}, "
+                     f"{converted} of them converted by modelopt (the others reused a block); "
                      f"slowest layer {streamed['slowest_layer']} ({streamed['slowest_layer_s']:.2f} s); reading weights "
                      f"{streamed['read_s']:.2f} s, of which {_pct(streamed['read_wait_share'])} of the layer time "
                      "held the stream up")

@@ -5,7 +5,8 @@ thread, while the previous layer computes), build and quantize it, run every cal
 (its outputs, computed with the quantizers observing and not quantizing, exactly as in the resident run,
 become the next layer's inputs), run the fixup on it (every rank, every layer: the same collectives as the
 resident run's, one per layer), run the held-out batches through it twice (quantizers off and on), keep its
-amax and free it. Max calibration of a layer needs only its weights and its inputs, so the amax are those of
+amax and free it (or hand its converted modules to the next layer of its kind, quant/reuse.py: modelopt's
+conversion is seconds of Python per 671B layer). Max calibration of a layer needs only its weights and its inputs, so the amax are those of
 the resident run (tests/test_layerwise.py checks them bit for bit).
 """
 
@@ -38,6 +39,7 @@ from deepseek_ptq.quant.calibrate import calibrate, insert_quantizers
 from deepseek_ptq.quant.fixup import leaf_quantizers
 from deepseek_ptq.quant.modules import quantized_linears
 from deepseek_ptq.quant.recipes import algorithm_method
+from deepseek_ptq.quant.reuse import why_not_reuse
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +91,19 @@ class LayerSource:
         self._fill(ends, self.shard.read(list(expected_params(ends))) if self.shard is not None else None)
         return ends.eval()
 
-    def layer(self, i: int) -> tuple[LayerPiece, dict[str, float]]:
-        """Layer ``i`` on the device with its weights, and the seconds spent reading it and waiting for the read."""
+    def layer(self, i: int, reuse: LayerPiece | None = None) -> tuple[LayerPiece, dict[str, float]]:
+        """Layer ``i`` on the device with its weights, and the seconds spent reading it and waiting for the read.
+        ``reuse``: a block of the same kind whose modules take layer ``i``'s names and weights (quant/reuse.py)."""
         self.prefetch(i)
         start = time.perf_counter()
         tensors, read_s = self._pending.pop(i).result() if self.shard is not None else (None, 0.0)
         wait_s = time.perf_counter() - start
-        with torch.device(self.device):
-            piece = LayerPiece(self.args, i, self.par)
+        if reuse is not None:
+            piece = reuse
+            piece.renumber(i)
+        else:
+            with torch.device(self.device):
+                piece = LayerPiece(self.args, i, self.par)
         self._fill(piece, tensors)
         return piece.eval(), {"read_s": read_s, "read_wait_s": wait_s}
 
@@ -192,17 +199,26 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
             hidden[i].copy_(output, non_blocking=True)
 
     weights_quantized = state.next_layer > 0  # a resumed run checked its first layers
+    kept: LayerPiece | None = None  # the converted block that the next layer takes over (quant/reuse.py)
+    said_why = False
     bar = tqdm(range(state.next_layer, n_layers), desc="layers", unit="layer", disable=not rank0,
                initial=state.next_layer, total=n_layers)
     for i in bar:
         t0 = time.perf_counter()
-        piece, read = source.layer(i)
+        if kept is not None and (why := why_not_reuse(kept, mtq_cfg, i)) is not None:
+            if kept.can_become(i) and not said_why:
+                said_why = True
+                log.info("layer %d is converted afresh (and others may be): %s", i, why)
+            kept = None
+            gc.collect()  # modelopt's modules hold reference cycles: free the block before the next one is built
+        piece, read = source.layer(i, reuse=kept)
+        reused = piece is kept
         source.prefetch(i + 1)  # read while this layer computes
         _synchronize(device)
         load_s = time.perf_counter() - t0
         phases: dict[str, float] = {}
         calibrate_s = calibrate(piece, mtq_cfg, hidden, all_experts, device, progress=False, fast=cfg.calib.fast,
-                                on_output=keep, piece=True, phases=phases)
+                                on_output=keep, piece=True, phases=phases, converted=reused)
         weights_quantized = weights_quantized or any(q.is_enabled for _, m in quantized_linears(piece)
                                                      for q in leaf_quantizers(m.weight_quantizer))
         state.tokens.update({j: moe.token_counts.tolist() for j, moe in piece.moe_layers()})
@@ -216,10 +232,11 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
             state.heldout_quant = [piece(h) for h in state.heldout_quant]
             _synchronize(device)
         eval_s = time.perf_counter() - t0
+        kept = piece
         del piece
-        gc.collect()  # modelopt's modules hold reference cycles: free this layer before the next one is built
         state.layers.append({"layer": i, "load_s": load_s, "calibrate_s": calibrate_s, "fixup_s": record["fixup_s"],
-                             "eval_s": eval_s, "forward_s": phases.get("forward_s", 0.0), **read})
+                             "eval_s": eval_s, "forward_s": phases.get("forward_s", 0.0), **read,
+                             "converted": float(not reused)})
         state.next_layer = i + 1
         if every > 0 and (state.next_layer % every == 0 or state.next_layer == n_layers):
             _synchronize(device)  # the hidden states copied back to the host are complete

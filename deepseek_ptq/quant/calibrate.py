@@ -21,6 +21,7 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Linear
 from deepseek_ptq.quant.binding import Bindings
 from deepseek_ptq.quant.nonfinite import NonFiniteActivations, guard_quantizers
+from deepseek_ptq.quant.reuse import recalibrate
 
 if TYPE_CHECKING:
     from deepseek_ptq.quant.fast import FastOptions
@@ -201,7 +202,7 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
               device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None,
               fast: bool = True, fast_options: FastOptions | None = None,
               on_output: Callable[[int, torch.Tensor], None] | None = None, piece: bool = False,
-              phases: dict[str, float] | None = None) -> float:
+              phases: dict[str, float] | None = None, converted: bool = False) -> float:
     """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
 
     ``fast``: the grouped-GEMM path of quant/fast/ where the format allows it (same amax as the plain
@@ -213,7 +214,9 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
     outputs as the next block's inputs). The batches are whatever the model's forward takes: token ids for
     the whole model, hidden states for one block (``piece``: one part of the model, which may rightly have no
     enabled weight quantizer). ``phases`` gets ``forward_s``, the seconds of the passes over the batches (the
-    rest of the returned time is modelopt's conversion and bookkeeping).
+    rest of the returned time is modelopt's conversion and bookkeeping). ``converted``: the model's quantizers
+    were converted and calibrated before (a block reused for the next layer, quant/reuse.py): their statistics
+    are cleared and modelopt calibrates them again, without converting.
     """
     import modelopt.torch.quantization as mtq
 
@@ -272,7 +275,10 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
 
     start = time.perf_counter()
     with _one_piece_of_the_model() if piece else contextlib.nullcontext(), quantizer_count_to_log():
-        mtq.quantize(model, mtq_cfg, forward_loop)
+        if converted:
+            recalibrate(model, mtq_cfg["algorithm"], forward_loop)
+        else:
+            mtq.quantize(model, mtq_cfg, forward_loop)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
