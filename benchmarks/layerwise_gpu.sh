@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Layer-streamed calibration on one GPU (issue 16; figures in benchmarks/NOTES.md), in two device calls:
-#   run: PART=A bash benchmarks/layerwise_gpu.sh   GPU tests; resident vs streamed on 4 layers
-#   run: PART=B bash benchmarks/layerwise_gpu.sh   61 layers top-k; all-experts on 10 layers; 3 layers from the disk
+#   run: PART=A bash benchmarks/layerwise_gpu.sh   GPU tests; resident vs streamed on 4 layers; 3 layers from the disk
+#   run: PART=B bash benchmarks/layerwise_gpu.sh   61 layers top-k; all-experts on 10 layers
 # (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels). Results: $OUT/steps.txt, $OUT/results.json.
 set -u
 OUT=${OUT:-layerwise_gpu}
@@ -18,21 +18,21 @@ run() { local name=$1 limit=$2; shift 2
 SLICE="model=ds_v3_slice data.seq_len=512 data.batch_size=8"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/steps.txt"
 if [ "${PART:-A}" = A ]; then
-  step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_layerwise.py
-  for mode in topk all_experts; do
-    run "slice4_resident_$mode" 150 $SLICE data.num_samples=64 calib=$mode
-    run "slice4_streamed_$mode" 150 $SLICE data.num_samples=64 calib=$mode calib.layerwise=true
-  done
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_layerwise.py \
+    -k "gpu or reused or nvfp4-topk or fp8-all_experts-plain"
+  run slice4_resident_topk 120 $SLICE data.num_samples=64 calib=topk
+  run slice4_streamed_topk 120 $SLICE data.num_samples=64 calib=topk calib.layerwise=true
+  run slice4_streamed_topk_host 120 $SLICE data.num_samples=64 calib=topk calib.layerwise=true calib.hidden_on_host=true
+  step write_slice 100 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice3 --layers 3 --dense 1
+  cp "$OUT/write_slice.log" "$RUNS/write_slice.json"
+  THREE="$SLICE model.n_layers=3 model.n_dense_layers=1 data.num_samples=256 calib=topk calib.layerwise=true"
+  run disk3_topk 120 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
+  run drawn3_topk 120 $THREE calib.resume_every=0
 else
-  step gpu_test 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layerwise.py
-  run full61_topk 330 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
-    calib.layerwise=true calib.resume_every=0 calib.hidden_on_host=true
+  run full61_topk 400 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
+    calib.layerwise=true calib.resume_every=0
   cp "$RUNS/full61_topk/stats/layers.csv" "$OUT/full61_topk_layers.csv"
   run l10_all_experts 150 $SLICE model.n_layers=10 model.n_dense_layers=3 data.num_samples=1024 calib=all_experts \
     calib.layerwise=true calib.resume_every=0
-  step write_slice 100 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice3 --layers 3 --dense 1
-  cp "$OUT/write_slice.log" "$RUNS/write_slice.json"
-  run disk3_topk 100 $SLICE model.random_weights=false model.ckpt_dir=/tmp/slice3 model.n_layers=3 \
-    model.n_dense_layers=1 data.num_samples=1024 calib=topk calib.layerwise=true calib.resume_every=0
 fi
 python3 benchmarks/layerwise_results.py "$RUNS" > "$OUT/results.json"; tail -c 3000 "$OUT/results.json"

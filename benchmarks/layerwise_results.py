@@ -14,8 +14,8 @@ for run in sorted(p for p in runs.iterdir() if (p / "metrics.json").exists()):
     m = json.loads((run / "metrics.json").read_text())
     out[run.name] = {k: m.get(k) for k in ("status", "error", "timings_s", "tokens_calibrated", "calib_tokens_per_s",
                                             "memory", "layerwise", "counts")}
-for mode in ("topk", "all_experts"):
-    a, b = runs / f"slice4_resident_{mode}", runs / f"slice4_streamed_{mode}"
+for mode in ("topk", "topk_host", "all_experts"):
+    a, b = runs / f"slice4_resident_{mode.removesuffix('_host')}", runs / f"slice4_streamed_{mode}"
     if (a / "amax").exists() and (b / "amax").exists():
         x, y = read_amax(a, 1), read_amax(b, 1)
         same = [k for k in x if k in y and torch.equal(x[k], y[k])]

@@ -76,6 +76,8 @@ def test_a_checkpoint_config_that_agrees_is_accepted(tmp_path, cache_dir):
     with pytest.raises(UserError, match="describe different models"):
         resolve_args(make_cfg([f"model.ckpt_dir={other}"]).model)
     assert resolve_args(make_cfg([f"model.ckpt_dir={other}", "model.config=null"]).model).route_scale == 1.0
+    # The command line's model.* overrides are part of the model compared (a checkpoint of fewer layers).
+    assert resolve_args(make_cfg([f"model.ckpt_dir={other}", "model.route_scale=1.0"]).model).route_scale == 1.0
 
 
 @pytest.mark.parametrize("override, key", [("+model.n_layer=2", "model.n_layer"), ("+foo=1", "foo"),

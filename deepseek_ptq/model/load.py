@@ -37,7 +37,6 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     """ModelArgs from the named/packaged config or the checkpoint's config.json, plus command-line overrides."""
     if model_cfg.config is not None:
         path = PACKAGED / f"{model_cfg.config}.json" if model_cfg.config in packaged_configs() else Path(model_cfg.config)
-        _refuse_other_checkpoint_config(path, model_cfg.ckpt_dir)
     elif model_cfg.ckpt_dir is not None and (Path(model_cfg.ckpt_dir) / "config.json").exists():
         path = Path(model_cfg.ckpt_dir) / "config.json"
     elif model_cfg.name in packaged_configs():
@@ -48,17 +47,21 @@ def resolve_args(model_cfg: Any) -> ModelArgs:
     values = ModelArgs.from_json(path).to_dict()
     overrides = {k: v for k, v in dict(model_cfg).items() if k not in _BASE_KEYS and v is not None}
     values.update(overrides)
-    return ModelArgs.from_dict(values, source=str(path))
+    args = ModelArgs.from_dict(values, source=str(path))
+    if model_cfg.config is not None:
+        _refuse_other_checkpoint_config(args, path, model_cfg.ckpt_dir)
+    return args
 
 
-def _refuse_other_checkpoint_config(path: Path, ckpt_dir: str | None) -> None:
-    """A checkpoint folder's config.json is the model its weights were written for. A model.config that
-    describes another model would be built instead, silently where no shape differs (route_scale, rope,
-    max_seq_len), so the two must agree; the user picks one (neither wins by a rule nobody sees)."""
+def _refuse_other_checkpoint_config(args: ModelArgs, path: Path, ckpt_dir: str | None) -> None:
+    """A checkpoint folder's config.json is the model its weights were written for. A model.config (with the
+    command line's model.* overrides) that describes another model would be built instead, silently where no
+    shape differs (route_scale, rope, max_seq_len), so the two must agree; the user picks one (neither wins by
+    a rule nobody sees)."""
     own = Path(ckpt_dir).expanduser() / "config.json" if ckpt_dir is not None else None
     if own is None or not own.is_file():
         return
-    differ = ModelArgs.from_json(path).differences(ModelArgs.from_json(own))
+    differ = args.differences(ModelArgs.from_json(own))
     if differ:
         raise UserError(f"model.config ({path}) and the checkpoint's {own} describe different models "
                         f"({', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''})",

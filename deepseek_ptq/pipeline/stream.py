@@ -163,6 +163,8 @@ def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, pa
         if cfg.calib.hidden_on_host and device.type == "cuda":
             state.hidden = [_on_host(h) for h in state.hidden]
             _synchronize(device)
+        if device.type == "cuda":
+            ends.cpu()  # the embedding and head (3.7 GB at 671B) wait on the host while the layers stream
         resumed_from = state.next_layer
         timings["load"] += time.perf_counter() - start
         _stream_layers(cfg, source, state, par, device, mtq_cfg, all_experts, evaluate, run_dir, digest, rank0)
@@ -172,6 +174,7 @@ def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, pa
         scores = None
         if evaluate:
             t0 = time.perf_counter()
+            ends.to(device)
             acc = ScoreAccumulator()
             for tokens, ref, quant in zip(batches.heldout, state.heldout_ref, state.heldout_quant):
                 acc.add(tokens.to(device), ends.logits(ref), ends.logits(quant))
@@ -241,6 +244,8 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
         if every > 0 and (state.next_layer % every == 0 or state.next_layer == n_layers):
             _synchronize(device)  # the hidden states copied back to the host are complete
             resume.save(run_dir, par.rank, par.world_size, digest, state)
+    kept = None
+    gc.collect()  # the last block goes before the head comes back for the evaluation
     if not weights_quantized:  # modelopt's own check, which the pieces skip, for the whole model
         raise UserError(f"quant={cfg.quant.name} enabled no weight quantizer in any layer: nothing was quantized",
                         fix="check the quant group's patterns against the model's module names")
