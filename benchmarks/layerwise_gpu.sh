@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Layer-streamed calibration on one GPU (issue 16; figures in benchmarks/NOTES.md), in two device calls:
 #   run: PART=A bash benchmarks/layerwise_gpu.sh   GPU tests; resident vs streamed on 4 layers; 3 layers from the disk
-#   run: PART=B bash benchmarks/layerwise_gpu.sh   61 layers top-k; all-experts on 10 layers
+#   run: PART=B bash benchmarks/layerwise_gpu.sh   61 layers top-k; 4 layers' peak memory; all-experts on 6 layers
 # (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels). Results: $OUT/steps.txt, $OUT/results.json.
 set -u
 OUT=${OUT:-layerwise_gpu}
@@ -29,10 +29,12 @@ if [ "${PART:-A}" = A ]; then
   run disk3_topk 120 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
   run drawn3_topk 120 $THREE calib.resume_every=0
 else
-  run full61_topk 400 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
+  run full61_topk 330 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
     calib.layerwise=true calib.resume_every=0
   cp "$RUNS/full61_topk/stats/layers.csv" "$OUT/full61_topk_layers.csv"
-  run l10_all_experts 150 $SLICE model.n_layers=10 model.n_dense_layers=3 data.num_samples=1024 calib=all_experts \
+  run slice4_streamed_topk 120 $SLICE data.num_samples=64 calib=topk calib.layerwise=true
+  run l6_all_experts 120 $SLICE model.n_layers=6 model.n_dense_layers=3 data.num_samples=1024 calib=all_experts \
     calib.layerwise=true calib.resume_every=0
+  cp "$RUNS/l6_all_experts/stats/layers.csv" "$OUT/l6_all_experts_layers.csv"
 fi
 python3 benchmarks/layerwise_results.py "$RUNS" > "$OUT/results.json"; tail -c 3000 "$OUT/results.json"
