@@ -1,4 +1,4 @@
-"""Convert a Hugging Face DeepSeek-V3/R1/V3.1 checkpoint into DeepSeek's ``model{rank}-mp{W}.safetensors`` shards.
+"""Convert a Hugging Face DeepSeek-V3/R1/V3.1 or Kimi-K2 checkpoint into DeepSeek's ``model{rank}-mp{W}.safetensors`` shards.
 
     python scripts/convert_hf.py HF_DIR --out DIR --mp W
 
@@ -32,7 +32,9 @@ from deepseek_ptq.model.safetensors_file import open_safetensors
 
 log = logging.getLogger(__name__)
 _REDOWNLOAD = "download the file again: the Hugging Face checkpoint is incomplete or damaged"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Kimi-K2 ships tiktoken.model and its loader (tokenization_kimi.py, named by tokenizer_config.json) instead of tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tiktoken.model", "tokenization_kimi.py")
 
 
 @dataclass(frozen=True)
