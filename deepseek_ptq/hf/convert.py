@@ -25,7 +25,7 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output
 from deepseek_ptq.hf.names import args_from_hf_config, from_hf, hf_layer_index
 from deepseek_ptq.hf.safetensors_io import INDEX_NAME, PlannedFile
-from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.args import ModelArgs, refuse_compressed_weights
 from deepseek_ptq.model.checkpoint import expert_of, shard_name, split_dim
 from deepseek_ptq.model.kernels import BLOCK
 from deepseek_ptq.model.safetensors_file import open_safetensors
@@ -97,7 +97,9 @@ def convert(hf_dir: Path, out: Path, world_size: int, progress: bool = True) -> 
     if world_size < 1:
         raise UserError(f"--mp {world_size} is not a world size", fix="use a positive number of ranks")
     check_new_output(out)
-    args = args_from_hf_config(json.loads((hf_dir / "config.json").read_text()), source=str(hf_dir / "config.json"))
+    hf = json.loads((hf_dir / "config.json").read_text())
+    refuse_compressed_weights(hf, str(hf_dir / "config.json"))  # INT4 experts (Kimi-K2-Thinking and later)
+    args = args_from_hf_config(hf, source=str(hf_dir / "config.json"))
     args.check_world_size(world_size)
     files = hf_files(hf_dir)
 
