@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg, run_job
+from conftest import load_amax, make_cfg, run_job
 from test_cli import assert_failed, cli, metrics
 from test_convert_hf import literal_hf_name, read, same_tensors
 from test_layerwise import assert_same_run
@@ -272,3 +272,14 @@ def test_int4_checkpoint_is_refused_before_the_run(tmp_path, cache_dir):
     result = cli(tmp_path / "run", "model=kimi_k2", f"model.ckpt_dir={ckpt}")
     assert_failed(result, tmp_path / "run", "compressed-tensors", "INT4 routed experts", "Kimi-K2-Thinking")
     assert "Traceback" not in result.stderr and "FP8 or BF16" in result.stderr
+
+
+@pytest.mark.slow  # two spawned ranks
+def test_tiny_kimi_at_w2_has_the_same_expert_weight_amax(tiny_kimi_runs, tmp_path):
+    result = cli(tmp_path / "run", "model=tiny_kimi", "parallel=mp2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    w1, w2 = load_amax(tiny_kimi_runs["topk"]), load_amax(tmp_path / "run")
+    experts = [k for k in w1 if ".experts." in k and "weight_quantizer" in k]
+    assert len(experts) == 2 * 16 * 3 and set(w1) == set(w2)
+    assert all(torch.equal(w1[k], w2[k]) for k in experts)
+    assert metrics(tmp_path / "run")["world_size"] == 2
