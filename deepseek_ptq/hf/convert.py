@@ -1,4 +1,4 @@
-"""Convert a Hugging Face DeepSeek-V3/R1/V3.1 checkpoint into DeepSeek's ``model{rank}-mp{W}.safetensors`` shards.
+"""Convert a Hugging Face DeepSeek-V3/R1/V3.1 or Kimi-K2 checkpoint into DeepSeek's ``model{rank}-mp{W}.safetensors`` shards.
 
     python scripts/convert_hf.py HF_DIR --out DIR --mp W
 
@@ -25,14 +25,16 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output
 from deepseek_ptq.hf.names import args_from_hf_config, from_hf, hf_layer_index
 from deepseek_ptq.hf.safetensors_io import INDEX_NAME, PlannedFile
-from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.args import ModelArgs, refuse_compressed_weights
 from deepseek_ptq.model.checkpoint import expert_of, shard_name, split_dim
 from deepseek_ptq.model.kernels import BLOCK
 from deepseek_ptq.model.safetensors_file import open_safetensors
 
 log = logging.getLogger(__name__)
 _REDOWNLOAD = "download the file again: the Hugging Face checkpoint is incomplete or damaged"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Kimi-K2 ships tiktoken.model and its loader (tokenization_kimi.py, named by tokenizer_config.json) instead of tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tiktoken.model", "tokenization_kimi.py")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,9 @@ def convert(hf_dir: Path, out: Path, world_size: int, progress: bool = True) -> 
     if world_size < 1:
         raise UserError(f"--mp {world_size} is not a world size", fix="use a positive number of ranks")
     check_new_output(out)
-    args = args_from_hf_config(json.loads((hf_dir / "config.json").read_text()), source=str(hf_dir / "config.json"))
+    hf = json.loads((hf_dir / "config.json").read_text())
+    refuse_compressed_weights(hf, str(hf_dir / "config.json"))  # INT4 experts (Kimi-K2-Thinking and later)
+    args = args_from_hf_config(hf, source=str(hf_dir / "config.json"))
     args.check_world_size(world_size)
     files = hf_files(hf_dir)
 

@@ -48,7 +48,8 @@ from deepseek_ptq.pipeline import rundir
 log = logging.getLogger(__name__)
 # modelopt warns on import that transformers is missing; this export does not use its transformers code.
 warnings.filterwarnings("ignore", message="Cannot find transformers package")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tiktoken.model", "tokenization_kimi.py")  # the last two: Kimi-K2's tokenizer
 _AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
 _FUSED = {"w1": "w3", "w3": "w1"}  # gate_proj/up_proj: engines run them as one GEMM
 

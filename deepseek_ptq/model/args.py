@@ -132,3 +132,23 @@ class ModelArgs:
         if self.n_moe_layers > 0 and self.n_shared_experts > 0:
             dims.append(("n_shared_experts*moe_inter_dim", self.n_shared_experts * self.moe_inter_dim))
         return dims
+
+
+def refuse_compressed_weights(config: dict[str, Any], source: str) -> None:
+    """Refuse a Hugging Face config.json whose weights are compressed-tensors (Kimi-K2-Thinking and later Kimi
+    releases: INT4 routed experts, ``pack-quantized``, 4-bit int in groups of 32; K2.5 nests it in ``text_config``).
+    The runner reads FP8 block-scaled or BF16 weights only: such a checkpoint would otherwise fail later on tensor
+    names it does not know, or build a model from the wrong fields."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    quant = config.get("quantization_config") or text.get("quantization_config") or {}
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        return
+    groups = quant.get("config_groups") or {}
+    weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
+    kinds = sorted({f"{w.get('num_bits')}-bit {w.get('type')} in groups of {w.get('group_size')}" for w in weights})
+    int4 = any(w.get("num_bits") == 4 and w.get("type") == "int" for w in weights)
+    raise UserError(f"{source} describes compressed-tensors weights ({quant.get('format')}: {', '.join(kinds) or 'no groups'})"
+                    f"{', INT4 routed experts as Kimi-K2-Thinking and later ship them' if int4 else ''}: "
+                    "this runner does not read compressed-tensors weights yet",
+                    fix="use an FP8 or BF16 release of the model (Kimi-K2-Instruct or -Base), or dequantize the "
+                        "compressed experts to BF16 first, then convert it with deepseek-ptq-convert")

@@ -128,7 +128,8 @@ class ParallelConfig:
 class DataConfig:
     name: DataSource = DataSource.text
     paths: list[str] = field(default_factory=list)  # files or globs; empty: the Python standard library sources
-    tokenizer: str | None = None  # None: bytes for vocab 256, else ckpt_dir/tokenizer.json
+    # tokenizer.json or tiktoken.model; None: ckpt_dir's tokenizer.json or tiktoken.model, else bytes for vocab 256
+    tokenizer: str | None = None
     num_samples: int = 32
     seq_len: int = 256
     batch_size: int = 8

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.pipeline.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_file
 
 HELDOUT_PERCENT = 10
 SNIFF_BYTES = 1 << 16  # what the check before the run reads of each text file
@@ -31,44 +32,6 @@ class Batches:
     @property
     def calib_tokens(self) -> int:
         return sum(b.numel() for b in self.calib)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids: the tokenizer of vocab-256 models."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> torch.Tensor:
-        data = text.encode("utf-8")
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.empty(0, dtype=torch.int64)
-
-
-def _tokenizer_file(tokenizer_path: str | None, ckpt_dir: str | None, vocab_size: int) -> Path | None:
-    """The tokenizer.json to load, or None for the byte tokenizer of vocab-256 models."""
-    path = Path(tokenizer_path) if tokenizer_path else (Path(ckpt_dir) / "tokenizer.json" if ckpt_dir else None)
-    if path is None or (tokenizer_path is None and not path.exists() and vocab_size == 256):
-        if vocab_size != 256:
-            raise UserError(f"no tokenizer for a vocabulary of {vocab_size}",
-                            fix="set data.tokenizer to the model's tokenizer.json (or model.ckpt_dir to a folder holding it)")
-        return None
-    if not path.exists():
-        raise UserError(f"tokenizer {path} does not exist", fix="set data.tokenizer to the model's tokenizer.json")
-    return path
-
-
-def _tokenizer(tokenizer_path: str | None, ckpt_dir: str | None, vocab_size: int):
-    path = _tokenizer_file(tokenizer_path, ckpt_dir, vocab_size)
-    if path is None:
-        return ByteTokenizer()
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-
-    class _Wrapped:
-        def encode(self, text: str) -> torch.Tensor:
-            return torch.tensor(tok.encode(text).ids, dtype=torch.int64)
-
-    return _Wrapped()
 
 
 def default_corpus() -> list[Path]:
@@ -153,7 +116,7 @@ def check_data(data_cfg, vocab_size: int, ckpt_dir: str | None, max_seq_len: int
                         fix=f"set data.seq_len to at most {max_seq_len}")
     if data_cfg.name == "synthetic":
         return
-    _tokenizer_file(data_cfg.tokenizer, ckpt_dir, vocab_size)
+    tokenizer_file(data_cfg.tokenizer, ckpt_dir, vocab_size)
     files = _text_files(list(data_cfg.paths))
     if not files:
         raise UserError("data.paths lists no readable file", fix="give existing text files or globs")
@@ -169,7 +132,7 @@ def make_batches(data_cfg, vocab_size: int, ckpt_dir: str | None, heldout_sample
         calib = torch.randint(0, vocab_size, (data_cfg.num_samples, data_cfg.seq_len), generator=gen)
         heldout = torch.randint(0, vocab_size, (heldout_samples, data_cfg.seq_len), generator=gen)
         return Batches(_batch(calib, data_cfg.batch_size), _batch(heldout, data_cfg.batch_size) if heldout_samples else [])
-    tokenizer = _tokenizer(data_cfg.tokenizer, ckpt_dir, vocab_size)
+    tokenizer = load_tokenizer(data_cfg.tokenizer, ckpt_dir, vocab_size)
     tokenize = tokenizer.encode
     files = _text_files(list(data_cfg.paths))
     if not files:

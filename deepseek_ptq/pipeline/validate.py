@@ -5,10 +5,12 @@ that this step could have found."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.args import ModelArgs, refuse_compressed_weights
 from deepseek_ptq.model.load import check_source, resolve_args
 from deepseek_ptq.pipeline.config import check_known_keys, eval_enabled
 from deepseek_ptq.pipeline.data import check_data
@@ -17,6 +19,7 @@ from deepseek_ptq.pipeline.data import check_data
 def validate(cfg: Any) -> ModelArgs:
     """The model's arguments, once everything checkable about the run is known to be sound."""
     check_known_keys(cfg)
+    _refuse_compressed_checkpoint(cfg.model.ckpt_dir)
     args = resolve_args(cfg.model)
     world_size = cfg.parallel.world_size
     args.check_world_size(world_size)
@@ -27,6 +30,21 @@ def validate(cfg: Any) -> ModelArgs:
 
     load_preset(cfg.quant.preset)
     return args
+
+
+def _refuse_compressed_checkpoint(ckpt_dir: str | None) -> None:
+    """A checkpoint folder holding a Hugging Face config.json with compressed-tensors weights (Kimi-K2-Thinking's
+    INT4 experts): refused by name, before its config is read as a model's (an unreadable file is left to
+    resolve_args, which names the problem)."""
+    path = Path(ckpt_dir).expanduser() / "config.json" if ckpt_dir is not None else None
+    if path is None or not path.is_file():
+        return
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(values, dict):
+        refuse_compressed_weights(values, str(path))
 
 
 def _check_eval(cfg: Any) -> None:
