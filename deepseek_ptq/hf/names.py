@@ -147,6 +147,9 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
         "torch_dtype": "bfloat16",
         "use_cache": True,
         **(v32 if args.has_indexer else {}),
+        # The indexer's activation scales (ue8m0: powers of two); the released checkpoints say it in their FP8
+        # quantization_config, which a quantized export replaces.
+        **({"scale_fmt": args.scale_fmt} if args.scale_fmt else {}),
     }
 
 
@@ -174,8 +177,8 @@ def args_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Mode
     if hf.get("index_n_heads"):  # DeepSeek-V3.2: the lightning indexer
         values.update(index_n_heads=hf["index_n_heads"], index_head_dim=hf.get("index_head_dim", 128),
                       index_topk=hf.get("index_topk", 2048))
-    if quant.get("scale_fmt"):
-        values["scale_fmt"] = quant["scale_fmt"]
+    if hf.get("scale_fmt") or quant.get("scale_fmt"):
+        values["scale_fmt"] = hf.get("scale_fmt") or quant["scale_fmt"]
     if rope:
         values.update(rope_factor=rope.get("factor", 40), original_seq_len=rope.get("original_max_position_embeddings", 4096),
                       beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
