@@ -124,3 +124,44 @@ def test_bench_runs_end_to_end_on_the_cpu(cache_dir, tmp_path, one_thread):
     assert fix["repeat_median_s"] > 0 and fix["tp_synced_amax"] > 0
     table = bench.format_table(results)
     assert "fast vs plain amax" in table and "fixup at W=8 shapes" in table
+
+
+V32_SLICE = ModelArgs.from_json(PACKAGED / "ds_v32_slice.json")
+
+
+def test_ds_v32_slice_is_the_v3_slice_plus_the_indexer(cache_dir):
+    args = resolve_args(make_cfg(["model=ds_v32_slice"]).model)
+    assert args == V32_SLICE and (args.index_n_heads, args.index_head_dim, args.index_topk) == (64, 128, 2048)
+    assert {**args.to_dict(), "scale_fmt": None} == {**SLICE.to_dict(), "index_n_heads": 64, "index_head_dim": 128,
+                                                     "index_topk": 2048}
+    batch, seq = 8, 512
+    with torch.device("meta"):
+        model = Transformer(V32_SLICE)
+    indexer = model.layers[0].attn.indexer
+    params = sum(m.in_features * m.out_features for m in (indexer.wq_b, indexer.wk, indexer.weights_proj))
+    score = 2 * batch * seq * seq * V32_SLICE.index_n_heads * V32_SLICE.index_head_dim
+    extra = V32_SLICE.n_layers * (2 * batch * seq * params + score)
+    v3, v32 = bench.calib_flops(SLICE, batch, seq), bench.calib_flops(V32_SLICE, batch, seq)
+    assert v32["indexer"] == pytest.approx(extra, rel=1e-12)
+    assert v32["topk"] - v3["topk"] == pytest.approx(extra, rel=1e-12)
+
+
+def test_bench_measures_the_indexer_on_a_small_v32_slice(cache_dir, tmp_path, one_thread):
+    small = [f"model.{k}={v}" for k, v in {**SMALL, "index_n_heads": 4, "index_topk": 16}.items()]
+    results = bench.run_bench(["model=ds_v32_slice", *small, "data.batch_size=2", "data.seq_len=32"], ["topk"], 1, 0,
+                              0, torch.device("cpu"), str(tmp_path / "bench.json"))
+    ix = results["indexer"]
+    assert ix["indexer_ms"] > 0 and ix["attention_with_ms"] > 0 and ix["attention_without_ms"] > 0
+    # 32 tokens, top-16: queries 0..15 keep every earlier key, the later ones 16 of theirs
+    assert ix["kept_share_of_causal_keys"] == pytest.approx((136 + 16 * 16) / 528)
+    assert results["runs"][0]["s_per_batch"] > 0 and "indexer (2 x 32 tokens, top-16" in bench.format_table(results)
+
+
+def test_small_v32_slice_streams_layer_by_layer_with_the_resident_amax(cache_dir, tmp_path):
+    from test_layerwise import assert_same_run
+
+    small = [f"model.{k}={v}" for k, v in {**SMALL, "index_n_heads": 4, "index_topk": 16}.items()]
+    common = ["model=ds_v32_slice", "data=synthetic", "data.seq_len=32", *small]
+    resident = run_job(tmp_path / "resident", common)
+    streamed = run_job(tmp_path / "streamed", [*common, "calib.layerwise=true"])
+    assert_same_run(resident, streamed)

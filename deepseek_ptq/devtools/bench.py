@@ -10,6 +10,7 @@ rate) and (every FP8 weight read once, over the copy bandwidth). Prints a table;
 
     python -m deepseek_ptq.devtools.bench --out bench.json                      # slice, NVFP4, fast path, both modes
     python -m deepseek_ptq.devtools.bench --plain-batches 2 quant=fp8 model.n_layers=6   # + the plain path; overrides
+    python -m deepseek_ptq.devtools.bench model=ds_v32_slice --out v32.json  # V3.2: + what the indexer costs
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def measure_dequant(device: torch.device, copy_gbps: float) -> list[dict[str, An
 def calib_flops(args: ModelArgs, batch: int, seq: int) -> dict[str, float]:
     """GEMM FLOPs of one calibration batch (no head: calibration stops at the final norm), by mode.
 
-    topk: attention (projections and the causal score/value products), dense MLP, gate, shared experts,
-    k routed experts per token. all_experts: every token through every expert (w1, w2, w3), which also gives
+    topk: attention (projections and the causal score/value products; V3.2: the indexer's projections and its
+    score of every query against every key), dense MLP, gate, shared experts, k routed experts per token. all_experts: every token through every expert (w1, w2, w3), which also gives
     the top-k output, as the mode's work is defined; all_experts_min: what its statistics strictly need
     (w1/w3 of every token and expert; w2 only for the routed tokens, whose output is used).
     """
@@ -128,15 +129,20 @@ def calib_flops(args: ModelArgs, batch: int, seq: int) -> dict[str, float]:
     attn_params = (q_params + args.dim * (args.kv_lora_rank + args.qk_rope_head_dim)
                    + args.kv_lora_rank * heads * (args.qk_nope_head_dim + v) + heads * v * args.dim)
     attn_core = batch * heads * seq * (seq + 1) / 2 * 2 * (qk + v)  # causal: (s+1)/2 keys per query on average
+    indexer = 0.0
+    if args.has_indexer:  # wq_b, wk, weights_proj, then q.k for every (query, key, head): the full square
+        ih, idim = args.index_n_heads, args.index_head_dim
+        indexer = 2 * tokens * (args.q_lora_rank * ih * idim + args.dim * idim + args.dim * ih) + \
+            2 * batch * ih * seq * seq * idim
     expert = 3 * args.dim * args.moe_inter_dim
-    common = args.n_layers * (2 * tokens * attn_params + attn_core)
+    common = args.n_layers * (2 * tokens * attn_params + attn_core + indexer)
     common += args.n_dense_layers * 2 * tokens * 3 * args.dim * args.inter_dim
     moe_layers = args.n_layers - args.n_dense_layers
     common += moe_layers * 2 * tokens * (args.dim * args.n_routed_experts + args.n_shared_experts * expert)
     routed = moe_layers * 2 * tokens * args.n_activated_experts * expert
     every = moe_layers * 2 * tokens * args.n_routed_experts * expert
     return {"topk": common + routed, "all_experts": common + every,
-            "all_experts_min": common + every * 2 / 3 + routed / 3}
+            "all_experts_min": common + every * 2 / 3 + routed / 3, "indexer": args.n_layers * indexer}
 
 
 def fp8_weight_bytes(model: torch.nn.Module) -> int:
@@ -148,6 +154,34 @@ def floor_seconds(flops: float, weight_bytes: int, ceilings: dict[str, float]) -
     memory = weight_bytes / (ceilings["copy_GBps"] * 1e9)
     return {"floor_s": max(compute, memory), "compute_s": compute, "weight_read_s": memory,
             "bound": "compute" if compute >= memory else "memory"}
+
+
+def bench_indexer(device: torch.device, args: ModelArgs, batch: int, seq: int) -> dict[str, Any]:
+    """What DeepSeek-V3.2's indexer costs in one attention block (unquantized, random weights): the indexer's own
+    forward, and the block's forward with it (a boolean top-k mask into SDPA) and without it (SDPA's causal path)."""
+    from deepseek_ptq.model.attention import MLA, precompute_freqs_cis
+    from deepseek_ptq.model.parallel import Parallel
+    from deepseek_ptq.model.synthetic import init_random_
+
+    with torch.device(device):
+        mla = MLA(args, Parallel(), args.dtype == "fp8")
+    init_random_(mla, 0)
+    gen = torch.Generator(device=device).manual_seed(4)
+    x = torch.randn(batch, seq, args.dim, generator=gen, device=device, dtype=torch.bfloat16)
+    freqs = precompute_freqs_cis(args)[:seq].to(device)
+    with torch.no_grad():
+        qr = mla.q_norm(mla.wq_a(x))
+        kept = mla.indexer(x, qr, freqs)
+        indexer_s = median_seconds(lambda: mla.indexer(x, qr, freqs), device, reps=10, inner=3)
+        with_s = median_seconds(lambda: mla(x, freqs), device, reps=10, inner=3)
+        indexer, mla.indexer = mla.indexer, None
+        without_s = median_seconds(lambda: mla(x, freqs), device, reps=10, inner=3)
+        mla.indexer = indexer
+    causal_keys = seq * (seq + 1) / 2
+    return {"batch": batch, "seq": seq, "index_topk": args.index_topk, "indexer_ms": indexer_s * 1e3,
+            "attention_with_ms": with_s * 1e3, "attention_without_ms": without_s * 1e3,
+            "extra_ms_per_layer": (with_s - without_s) * 1e3, "extra_s_per_batch": (with_s - without_s) * args.n_layers,
+            "kept_share_of_causal_keys": float(kept.sum()) / (batch * causal_keys)}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -517,6 +551,12 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"  {v['layout']:<10}{'pad' if v['pad'] else '':<4}" + (
                 f"w13 {v['w13_us']:.0f} us, w2 {v['w2_us']:.0f} us, weights at {v['weight_GBps']:.0f} GB/s, "
                 f"{v['TFLOPs']:.0f} TFLOP/s, rel diff {v['rel_diff_to_first']:.1e}" if "total_us" in v else v.get("error", "")))
+    ix = results.get("indexer")
+    if ix:
+        lines.append(f"indexer ({ix['batch']} x {ix['seq']} tokens, top-{ix['index_topk']}, "
+                     f"{100 * ix['kept_share_of_causal_keys']:.0f}% of causal keys kept): {ix['indexer_ms']:.2f} ms a "
+                     f"layer; attention {ix['attention_with_ms']:.2f} ms with it, {ix['attention_without_ms']:.2f} ms "
+                     f"without; {ix['extra_s_per_batch']:.4f} s a batch over the layers")
     head = f"{'mode':<12}{'path':<6}{'batches':>8}{'s/batch':>10}{'tok/s':>10}{'floor s':>9}{'ratio':>7}" \
            f"{'fixup ms':>10}{'peak GB':>9}{'setup s':>9}"
     lines += [head, "-" * len(head)]
@@ -610,6 +650,9 @@ def run_bench(overrides: list[str], modes: list[str], n_batches: int, plain_batc
     batch, seq = batches[0].shape
     flops = calib_flops(args, batch, seq)
     results["flops_per_batch"] = flops
+    if args.has_indexer:
+        results["indexer"] = bench_indexer(device, args, batch, seq)
+        save()
     for mode in modes:
         runs = [(True, n_batches)]
         if plain_batches:  # the plain path, and a fast run on the same batches to compare amax with

@@ -3,6 +3,7 @@ rule of ``model.random_weights`` (so a streamed run from it gives the amax of th
 from the page cache, so that a streamed run then reads it from the disk (benchmarks/NOTES.md).
 
     python -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice --layers 3 --dense 1
+    python -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice32 --config ds_v32_slice   # V3.2 (the indexer)
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def drop_from_page_cache(path: Path) -> None:
 
 
 @torch.no_grad()
-def write_slice(out: Path, layers: int, dense: int, seed: int, device: torch.device) -> dict[str, float]:
-    args = ModelArgs.from_dict({**ModelArgs.from_json(PACKAGED / "ds_v3_slice.json").to_dict(),
+def write_slice(out: Path, layers: int, dense: int, seed: int, device: torch.device,
+                config: str = "ds_v3_slice") -> dict[str, float]:
+    args = ModelArgs.from_dict({**ModelArgs.from_json(PACKAGED / f"{config}.json").to_dict(),
                                 "n_layers": layers, "n_dense_layers": dense})
     par = Parallel()
     state: dict[str, torch.Tensor] = {}
@@ -66,8 +68,9 @@ def main() -> None:
     parser.add_argument("--dense", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="ds_v3_slice", choices=("ds_v3_slice", "ds_v32_slice"))
     a = parser.parse_args()
-    print(json.dumps(write_slice(a.out, a.layers, a.dense, a.seed, torch.device(a.device))))
+    print(json.dumps(write_slice(a.out, a.layers, a.dense, a.seed, torch.device(a.device), a.config)))
 
 
 if __name__ == "__main__":

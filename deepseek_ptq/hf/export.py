@@ -11,6 +11,8 @@ input amax. FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scal
 left unquantized are written in bf16 by default: that is the form of NVIDIA's public NVFP4 DeepSeek
 checkpoints, and the engines' loaders for modelopt checkpoints treat excluded modules as plain bf16 linears.
 ``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
+DeepSeek-V3.2's indexer is written in its stored form (wq_b, wk FP8 blocks; k_norm, weights_proj bf16) unless the
+run quantized it (``quant.indexer=fp8``); its modules are listed in ``exclude_modules`` when left unquantized.
 
 A quantized module without an amax, or with a zero, NaN or infinite scale, stops the export before anything
 is written (engines turn such checkpoints into NaN output); the output appears only when complete.
@@ -37,7 +39,7 @@ from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output, write_json
 from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
-from deepseek_ptq.hf.names import LINEAR_MODULES, hf_config, hf_module, to_hf
+from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, to_hf
 from deepseek_ptq.hf.nvfp4_pack import fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
 from deepseek_ptq.model.args import ModelArgs
@@ -203,9 +205,9 @@ def hf_quant_config(run: Run, formats: dict[str, str | None], modules: list[str]
             for m, f in sorted(formats.items(), key=lambda x: natural_key(x[0])) if f}
     kv = choice(run.quant_cfg.get("kv_cache"))
     quantization["kv_cache_quant_algo"] = kv.upper() if kv else None
-    # Routers stay bf16; engines must not build them as quantized layers.
-    gates = [m for m in modules if m.endswith(".ffn.gate")]
-    excluded = [m for m, f in formats.items() if not f] + gates
+    # Routers and the V3.2 indexer's weights_proj stay high precision; engines must not build them as quantized layers.
+    never = [m for m in modules if m.endswith(".ffn.gate") or m.endswith(".indexer.weights_proj")]
+    excluded = [m for m, f in formats.items() if not f] + never
     quantization["exclude_modules"] = sorted((hf_module(m) for m in excluded), key=natural_key)
     return {"producer": {"name": "modelopt", "version": modelopt.__version__, "runner": "deepseek-ptq"},
             "quantization": quantization}
@@ -234,7 +236,7 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
     with ShardReader(run.ckpt_dir, world_size) as reader:
         keys = reader.keys()
         modules = sorted({k.rsplit(".", 1)[0] for k in keys}, key=natural_key)
-        linears = [m for m in modules if m.rsplit(".", 1)[-1] in LINEAR_MODULES]
+        linears = [m for m in modules if is_linear(m)]
         mtq_cfg = build_quant_config(run.quant_cfg, on_cpu=False)
         formats = module_formats(mtq_cfg, linears, run.quant_cfg.preset)
         plan = plan_scales(formats, amax)  # refuses before anything is written
@@ -245,7 +247,9 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
                 by_module.setdefault(key.rsplit(".", 1)[0], []).append(key)
             for module in tqdm(modules, desc="export", unit="module", disable=not progress):
                 if module in formats:
-                    tensors = _linear_tensors(module, reader, plan.get(module), unquantized, compute)
+                    # An unquantized indexer linear keeps its stored form (FP8 blocks in DeepSeek's release).
+                    stored = "fp8" if is_indexer(module) else unquantized
+                    tensors = _linear_tensors(module, reader, plan.get(module), stored, compute)
                 else:
                     tensors = {to_hf(k): reader.get(k) for k in by_module[module]}
                 for name, tensor in tensors.items():

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.model import indexer
 from deepseek_ptq.model.args import ModelArgs
 
 # Module-name components, DeepSeek -> Hugging Face (one path component each, never a substring).
@@ -29,11 +30,29 @@ _SHARED_COMPONENTS = frozenset({"layers", "experts", "shared_experts", "gate", "
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 LINEAR_MODULES = frozenset({"wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3", "head"})
+# DeepSeek-V3.2: ``attn.indexer.{wq_b,wk,k_norm,weights_proj}`` keep their names in the Hugging Face layout
+# (``self_attn.indexer.wq_b``), so no rename applies inside the indexer.
+_INDEXER = "indexer"
+
+
+def _rename(parts: list[str], table: dict[str, str]) -> list[str]:
+    return [p if i and parts[i - 1] == _INDEXER else table.get(p, p) for i, p in enumerate(parts)]
+
+
+def is_indexer(ds_module: str) -> bool:
+    """A module of the V3.2 indexer (``layers.3.attn.indexer.wk``)."""
+    return f".{_INDEXER}." in ds_module
+
+
+def is_linear(ds_module: str) -> bool:
+    """A Linear that a quant config may quantize (the indexer's weights_proj is none)."""
+    last = ds_module.rsplit(".", 1)[-1]
+    return last in indexer.QUANTIZABLE if is_indexer(ds_module) else last in LINEAR_MODULES
 
 
 def hf_module(ds_module: str) -> str:
     """``layers.1.ffn.experts.3.w1`` -> ``model.layers.1.mlp.experts.3.gate_proj``; ``head`` -> ``lm_head``."""
-    parts = [_MODULES.get(p, p) for p in ds_module.split(".")]
+    parts = _rename(ds_module.split("."), _MODULES)
     return ".".join(parts) if parts[0] == "lm_head" else "model." + ".".join(parts)
 
 
@@ -56,12 +75,16 @@ def from_hf(hf_key: str) -> str | None:
         return None
     module, param = body.rsplit(".", 1)
     parts = module.split(".")
-    if any(not (p in _MODULES_BACK or p in _SHARED_COMPONENTS or p.isdigit()) for p in parts):
+    in_indexer = [i > 0 and parts[i - 1] == _INDEXER for i in range(len(parts))]
+    if any(not (p in indexer.MODULES if inside else (p in _MODULES_BACK or p in _SHARED_COMPONENTS or p.isdigit()
+                                                     or (p == _INDEXER and parts[i - 1] == "self_attn")))
+           for i, (p, inside) in enumerate(zip(parts, in_indexer))):
         return None
-    if param not in _PARAMS_BACK and param != "weight":
+    k_norm_bias = param == "bias" and module.endswith(f"{_INDEXER}.k_norm")  # a LayerNorm's bias keeps its name
+    if param not in _PARAMS_BACK and param != "weight" and not k_norm_bias:
         return None
-    ds_module = ".".join(_MODULES_BACK.get(p, p) for p in parts)
-    return f"{ds_module}.{_PARAMS_BACK.get(param, param)}"
+    ds_module = ".".join(_rename(parts, _MODULES_BACK))
+    return f"{ds_module}.{param if k_norm_bias else _PARAMS_BACK.get(param, param)}"
 
 
 def hf_layer_index(hf_key: str) -> int | None:
@@ -78,7 +101,10 @@ def _topk_method(args: ModelArgs) -> str:
 
 
 def hf_config(args: ModelArgs) -> dict[str, Any]:
-    """config.json of a Hugging Face DeepSeek-V3 checkpoint for these ModelArgs (the MTP layer is not exported)."""
+    """config.json of a Hugging Face DeepSeek-V3 (or V3.2, with the indexer) checkpoint for these ModelArgs (the MTP
+    layer is not exported)."""
+    v32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+           "index_n_heads": args.index_n_heads, "index_head_dim": args.index_head_dim, "index_topk": args.index_topk}
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -120,14 +146,15 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "use_cache": True,
+        **(v32 if args.has_indexer else {}),
+        # The indexer's activation scales (ue8m0: powers of two); the released checkpoints say it in their FP8
+        # quantization_config, which a quantized export replaces.
+        **({"scale_fmt": args.scale_fmt} if args.scale_fmt else {}),
     }
 
 
 def args_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelArgs:
-    """ModelArgs (DeepSeek's field names) from a Hugging Face DeepSeek-V2/V3 config.json."""
-    if hf.get("index_n_heads") is not None:
-        raise UserError(f"{source} describes a DeepSeek-V3.2 model (lightning indexer), which this runner does not model",
-                        fix="convert a DeepSeek-V3, R1 or V3.1 checkpoint")
+    """ModelArgs (DeepSeek's field names) from a Hugging Face DeepSeek-V2/V3/V3.2 config.json."""
     try:
         rope = hf.get("rope_scaling") or {}
         quant = hf.get("quantization_config") or {}
@@ -147,8 +174,11 @@ def args_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Mode
     except KeyError as err:
         raise UserError(f"{source} lacks {err.args[0]!r}, which a DeepSeek-V3 config has",
                         fix="point at the config.json of a Hugging Face DeepSeek-V3/R1 checkpoint") from err
-    if quant.get("scale_fmt"):
-        values["scale_fmt"] = quant["scale_fmt"]
+    if hf.get("index_n_heads"):  # DeepSeek-V3.2: the lightning indexer
+        values.update(index_n_heads=hf["index_n_heads"], index_head_dim=hf.get("index_head_dim", 128),
+                      index_topk=hf.get("index_topk", 2048))
+    if hf.get("scale_fmt") or quant.get("scale_fmt"):
+        values["scale_fmt"] = hf.get("scale_fmt") or quant["scale_fmt"]
     if rope:
         values.update(rope_factor=rope.get("factor", 40), original_seq_len=rope.get("original_max_position_embeddings", 4096),
                       beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),

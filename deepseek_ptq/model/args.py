@@ -11,6 +11,8 @@ from typing import Any, Literal
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.kernels import BLOCK
 
+_INDEXER_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
+
 
 @dataclass
 class ModelArgs:
@@ -48,12 +50,37 @@ class ModelArgs:
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0
+    # DeepSeek-V3.2 lightning indexer (model/indexer.py); index_n_heads 0: none (V3, R1, V3.1)
+    index_n_heads: int = 0
+    index_head_dim: int = 128
+    index_topk: int = 2048
     # fields of newer releases that this runner accepts but does not model
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gate_bias is None:
             self.gate_bias = self.dim == 7168
+        if self.has_indexer:
+            self._check_indexer()
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_n_heads > 0
+
+    def _check_indexer(self) -> None:
+        d = self.index_head_dim
+        problems = []
+        if self.q_lora_rank == 0:
+            problems.append("q_lora_rank=0 (the indexer reads the query latent)")
+        if d % BLOCK or d & (d - 1):
+            problems.append(f"index_head_dim={d} is not a power of two and a multiple of {BLOCK} (Hadamard, FP8 blocks)")
+        if self.qk_rope_head_dim > d:
+            problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} > index_head_dim={d}")
+        if self.index_topk < 1:
+            problems.append(f"index_topk={self.index_topk}")
+        if problems:
+            raise UserError(f"the indexer (index_n_heads={self.index_n_heads}) cannot be built: {'; '.join(problems)}",
+                            fix="use a DeepSeek-V3.2 config (index_head_dim 128, q_lora_rank > 0), or index_n_heads=0")
 
     @property
     def qk_head_dim(self) -> int:
@@ -88,6 +115,9 @@ class ModelArgs:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values.update(values.pop("extra"))
+        if not self.has_indexer:  # a V3 config stays what DeepSeek's V3 code reads (and its cache digests stay)
+            for name in _INDEXER_FIELDS:
+                values.pop(name)
         return values
 
     def differences(self, other: ModelArgs) -> list[str]:

@@ -2,7 +2,8 @@
 
 Calibration runs whole sequences at once, so there is no KV cache: keys and values are expanded per
 head (DeepSeek's "naive" form), which also sends every projection through its own Linear so that each
-one can be calibrated.
+one can be calibrated. DeepSeek-V3.2 adds the lightning indexer (model/indexer.py): each query then attends
+to the top ``index_topk`` of its causal keys, passed to SDPA as a boolean mask.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.indexer import Indexer
 from deepseek_ptq.model.parallel import ColumnParallelLinear, Linear, Parallel, RMSNorm, RowParallelLinear
 
 
@@ -69,11 +71,13 @@ class MLA(nn.Module):
         self.wkv_b = ColumnParallelLinear(args.kv_lora_rank, heads * (args.qk_nope_head_dim + args.v_head_dim), fp8, par)
         self.wo = RowParallelLinear(heads * args.v_head_dim, args.dim, fp8, par)
         self.softmax_scale = softmax_scale(args)
+        self.indexer = Indexer(args, par, fp8) if args.has_indexer else None
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
-        q = self.wq(x) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        qr = None if a.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
+        q = self.wq(x) if qr is None else self.wq_b(qr)
         q = q.view(bsz, seqlen, self.n_local_heads, a.qk_head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rotary_emb(q_pe, freqs_cis)], dim=-1)
@@ -82,6 +86,8 @@ class MLA(nn.Module):
         kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, self.n_local_heads, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)], dim=-1)
+        # V3.2: the indexer's top keys of each query (a subset of its causal keys), the same for every head.
+        keep = None if self.indexer is None else self.indexer(x, qr, freqs_cis).unsqueeze(1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.softmax_scale)
+                                             attn_mask=keep, is_causal=keep is None, scale=self.softmax_scale)
         return self.wo(out.transpose(1, 2).flatten(2))

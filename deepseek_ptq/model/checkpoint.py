@@ -46,7 +46,7 @@ def shard_name(rank: int, world_size: int) -> str:
 
 def split_dim(key: str) -> int | None:
     """The dim a tensor is split along across ranks, or None if replicated (routed experts: None too)."""
-    if _EXPERT.search(key):
+    if _EXPERT.search(key) or ".indexer." in key:  # the V3.2 indexer is replicated (its wq_b too)
         return None
     module = key.rsplit(".", 2)[-2]
     if module in _COLUMN:

@@ -2,7 +2,7 @@
 
 Every weight is drawn in float32 and stored as the release format stores it (model.checkpoint.release_tensor):
 Linear and gate weights N(0, 1/fan_in) (fan_in: the full model's in-features, also on a row-parallel shard),
-the embedding N(0, 1), norm weights 1 + 0.1 N(0, 1), the gate bias 0.05 N(0, 1); an FP8 weight becomes codes
+the embedding N(0, 1), norm weights 1 + 0.1 N(0, 1), the gate bias and a LayerNorm bias 0.05 N(0, 1); an FP8 weight becomes codes
 with 128x128 block scales. Activations stay O(1) through the layers and routing is roughly balanced.
 Reproducible for a seed on one device type and torch version. Each part of the model (the embedding, each
 layer, the final norm and head) draws from its own stream, seeded by (seed, part name), so that a layer drawn
@@ -56,7 +56,7 @@ def init_random_(model: nn.Module, seed: int) -> None:
         value = torch.randn(param.shape, generator=generators[part], device=device, dtype=torch.float32)
         if name.endswith("norm.weight"):
             value = 1.0 + 0.1 * value
-        elif name.endswith("gate.bias"):
+        elif name.endswith("gate.bias") or name.endswith("norm.bias"):  # norm.bias: the V3.2 indexer's k_norm
             value = 0.05 * value
         elif not name.endswith("embed.weight"):
             value = value * fan_in.get(id(param), param.shape[-1]) ** -0.5

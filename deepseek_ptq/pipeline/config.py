@@ -32,6 +32,10 @@ class AttnQuant(str, Enum):
     nvfp4 = "nvfp4"
 
 
+class IndexerQuant(str, Enum):
+    fp8 = "fp8"
+
+
 class KVCacheFormat(str, Enum):
     fp8 = "fp8"
     nvfp4 = "nvfp4"
@@ -94,6 +98,8 @@ class QuantConfig:
     preset: str = MISSING  # a modelopt *_CFG name
     attn: AttnQuant | None = None  # attention projections stay unquantized unless set
     wo: bool | None = None  # None: quantized for FP4 formats, as the reference does
+    # DeepSeek-V3.2's indexer wq_b/wk: unquantized unless set (as NVIDIA's flow); weights_proj is never quantized
+    indexer: IndexerQuant | None = None
     kv_cache: KVCacheFormat | None = None  # recorded in hf_quant_config.json for the serving engine
     algorithm: str | None = None  # None: the preset's own (max, awq_lite, ...)
 
@@ -147,7 +153,7 @@ class EvalConfig:
 def eval_enabled(cfg: Any) -> bool:
     if cfg.eval.enabled is not None:
         return bool(cfg.eval.enabled)
-    return cfg.model.name in ("tiny", "tiny_random")
+    return cfg.model.name in ("tiny", "tiny_random", "tiny_v32")
 
 
 @dataclass

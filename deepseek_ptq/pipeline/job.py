@@ -165,7 +165,9 @@ def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[st
     quantization: dict[str, Any] = {"quant_algo": hf_algo_name(preset),
                                     "kv_cache_quant_algo": kv.upper() if kv else None,
                                     # the multi-token-prediction layer is not part of the calibrated model
-                                    "exclude_modules": excluded + [f"layers.{args.n_layers}*"]}
+                                    "exclude_modules": excluded + [f"layers.{args.n_layers}*"]
+                                    # the V3.2 indexer's weights_proj is no Linear: never quantized
+                                    + (["layers.*.attn.indexer.weights_proj"] if args.has_indexer else [])}
     if "FP4" in preset.upper():
         quantization["group_size"] = 16
     elif "AWQ" in preset.upper() or "INT4" in preset.upper():

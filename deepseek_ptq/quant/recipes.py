@@ -1,6 +1,7 @@
 """From the ``quant`` config group to a modelopt quantization config, with DeepSeek's own rules:
 gate, embedding and head never quantized; attention projections off unless ``quant.attn`` is set;
-``wo`` quantized for FP4 formats unless ``quant.wo=false``. Rules are appended, so they win over the
+``wo`` quantized for FP4 formats unless ``quant.wo=false``; DeepSeek-V3.2's indexer (``attn.indexer``) off unless
+``quant.indexer=fp8`` (its ``weights_proj`` is no Linear: never quantized). Rules are appended, so they win over the
 preset (in modelopt's config the last matching entry wins)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from deepseek_ptq.common import choice
 from deepseek_ptq.errors import UserError
+from deepseek_ptq.model import indexer
 
 _FP8_PER_TENSOR = {"num_bits": (4, 3), "axis": None}
 _NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}, "axis": None}
@@ -69,6 +71,11 @@ def build_quant_config(quant_cfg: Any, on_cpu: bool) -> dict[str, Any]:
                 rules.append({"quantizer_name": f"*attn.wo.{q}_quantizer", "cfg": copy.deepcopy(preset_q)})
     elif not wo_on:
         rules.append({"quantizer_name": "*attn.wo.*", "enable": False})
+    # Last, so that no attention rule above reaches the indexer: its selection stays the unquantized model's.
+    rules.append({"quantizer_name": "*attn.indexer.*", "enable": False})
+    if choice(quant_cfg.get("indexer")) == "fp8":
+        rules += [{"quantizer_name": f"*attn.indexer.{m}.{q}_quantizer", "cfg": dict(_FP8_PER_TENSOR)}
+                  for m in indexer.QUANTIZABLE for q in ("weight", "input")]
     cfg["quant_cfg"] = list(cfg["quant_cfg"]) + rules
     if quant_cfg.algorithm is not None:
         cfg["algorithm"] = quant_cfg.algorithm
