@@ -5,9 +5,9 @@
 Reads the run's amax dicts (any world size W) and its FP8 checkpoint, one module at a time, and writes
 sharded safetensors with an index, config.json (with ``quantization_config``), hf_quant_config.json and the
 tokenizer files. NVFP4 linears: packed uint8 weight, float8_e4m3fn ``weight_scale`` per 16 elements,
-``weight_scale_2`` and ``input_scale`` = amax / (6 x 448); gate/up (w1/w3) of one expert, dense MLP or shared
-experts share the max of their two weight amax (one ``weight_scale_2``, as engines fuse them) and of their two
-input amax. FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scale`` = amax / 448. Linears
+``weight_scale_2`` and ``input_scale`` = amax / (6 x 448); the linears engines fuse (w1/w3, wq_a/wkv_a) share
+one weight amax and one input amax, the pair's max, applied in the run before its evaluation
+(quant/engine_constraints.py). FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scale`` = amax / 448. Linears
 left unquantized are written in bf16 by default: that is the form of NVIDIA's public NVFP4 DeepSeek
 checkpoints, and the engines' loaders for modelopt checkpoints treat excluded modules as plain bf16 linears.
 ``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
@@ -44,13 +44,13 @@ from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import ShardReader, pick_world_size
 from deepseek_ptq.model.kernels import dequant
 from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.quant.engine_constraints import shared_amax
 
 log = logging.getLogger(__name__)
 # modelopt warns on import that transformers is missing; this export does not use its transformers code.
 warnings.filterwarnings("ignore", message="Cannot find transformers package")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
-_FUSED = {"w1": "w3", "w3": "w1"}  # gate_proj/up_proj: engines run them as one GEMM
 
 
 @dataclass
@@ -119,25 +119,17 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
         raise UserError(f"the run holds amax for linears its quant config leaves unquantized: {', '.join(stray[:5])}",
                         fix="export the run with the config it was calibrated with (its .hydra/config.yaml)")
 
+    amax = _engine_shared(amax, sorted(quantized, key=natural_key))
+
     def value(module: str, kind: str) -> torch.Tensor | None:
         found = amax.get(f"{module}.{kind}_quantizer._amax")
         return None if found is None else found.float().amax()
-
-    def shared(module: str, kind: str) -> torch.Tensor | None:
-        """The amax the module is exported with: w1/w3 share the max of the pair (NVFP4 weights, all inputs)."""
-        own = value(module, kind)
-        last = module.rsplit(".", 1)[-1]
-        partner = module[: -len(last)] + _FUSED[last] if last in _FUSED else None
-        other = value(partner, kind) if partner in quantized and formats[partner] == formats[module] else None
-        if own is None or other is None or (kind == "weight" and formats[module] != NVFP4):
-            return own
-        return torch.maximum(own, other)
 
     problems: list[tuple[str, str]] = []
     plan = {}
     for module in sorted(quantized, key=natural_key):
         fmt = formats[module]
-        weight_amax, input_amax = shared(module, "weight"), shared(module, "input")
+        weight_amax, input_amax = value(module, "weight"), value(module, "input")
         for kind, found in (("input", input_amax), ("weight", weight_amax)):
             if found is None:
                 problems.append((module, f"no {kind} amax"))
@@ -148,6 +140,20 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
     if problems:
         raise _refusal(problems)
     return plan
+
+
+def _engine_shared(amax: dict[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
+    """The run's amax, fused pairs sharing the max (the run applied that rule before its evaluation: a run from
+    before it did not, and its evaluation then describes another model than this export)."""
+    shared = shared_amax(amax, quantized)
+    differing = sorted({k.rsplit(".", 2)[0] for k in amax
+                        if bool(torch.isfinite(shared[k]).all()) and not torch.equal(shared[k], amax[k])}, key=natural_key)
+    if differing:
+        log.warning("%d fused linears (w1/w3, wq_a/wkv_a) hold different amax from their partner's (a run made before "
+                    "engine constraints were applied in the run): exported with the pair's max, which the run did not "
+                    "evaluate; recalibrate to evaluate the exported model (first: %s)", len(differing),
+                    ", ".join(differing[:3]))
+    return shared
 
 
 def _refusal(problems: list[tuple[str, str]]) -> UserError:
