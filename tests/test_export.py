@@ -351,3 +351,37 @@ def test_refuses_unfinished_runs_and_used_outputs(run_w1, tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "failed"}))
     with pytest.raises(UserError, match="status 'failed'"):
         export_run(run_dir, tmp_path / "hf", progress=False)
+
+
+def test_refuses_negative_amax(run_w1, tmp_path):
+    def edit(amax):
+        amax["layers.1.ffn.experts.2.w2.input_quantizer._amax"].neg_()
+        amax["layers.3.attn.wo.weight_quantizer._amax"].neg_()
+
+    with pytest.raises(UserError) as err:
+        export_run(broken_copy(run_w1, tmp_path / "run", edit), tmp_path / "hf", progress=False)
+    message = str(err.value)
+    assert message.startswith("2 quantized modules cannot be exported"), message
+    assert "layers.1.ffn.experts.2.w2 (negative input amax -" in message
+    assert "layers.3.attn.wo (negative weight amax -" in message
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_refuses_weight_amax_its_scales_cannot_represent(runs, tmp_path, fmt):
+    """A weight amax below the weight's own max (NVFP4 block scales past 448, FP8 codes clipped) or so far above
+    it that every scale is 0: every such module listed, after every weight was read; nothing left behind."""
+    below, above = "layers.0.ffn.w2", "layers.2.ffn.experts.9.w2"
+
+    def edit(amax):
+        amax[f"{below}.weight_quantizer._amax"].mul_(0.5)
+        amax[f"{above}.weight_quantizer._amax"].mul_(1e6)
+
+    with pytest.raises(UserError) as err:
+        export_run(broken_copy(runs(fmt, 1), tmp_path / "run", edit), tmp_path / "hf", progress=False)
+    message = str(err.value)
+    assert message.startswith("2 quantized modules cannot be exported, their calibrated scales cannot represent "
+                              "their weights"), message
+    assert f"{below} (weight amax" in message and "below the weight's own max" in message
+    assert f"{above} (weight amax" in message and "every scale of the weight underflows to 0" in message
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))

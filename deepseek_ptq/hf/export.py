@@ -12,8 +12,10 @@ left unquantized are written in bf16 by default: that is the form of NVIDIA's pu
 checkpoints, and the engines' loaders for modelopt checkpoints treat excluded modules as plain bf16 linears.
 ``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
 
-A quantized module without an amax, or with a zero, NaN or infinite scale, stops the export before anything
-is written (engines turn such checkpoints into NaN output); the output appears only when complete.
+A quantized module without an amax, or with a negative amax or a zero, NaN or infinite scale, stops the export
+before anything is written (engines turn such checkpoints into NaN output); one whose weight amax is below the
+weight's own max (its block scales or FP8 codes would saturate) or so far above it that every scale is 0 stops it
+once every weight has been read, listing every such module. The output appears only when complete.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output, write_json
 from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
 from deepseek_ptq.hf.names import LINEAR_MODULES, hf_config, hf_module, to_hf
-from deepseek_ptq.hf.nvfp4_pack import fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
+from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import ShardReader, pick_world_size
@@ -133,6 +135,8 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
         for kind, found in (("input", input_amax), ("weight", weight_amax)):
             if found is None:
                 problems.append((module, f"no {kind} amax"))
+            elif float(found) < 0:
+                problems.append((module, f"negative {kind} amax {float(found)}"))
             elif _bad(_scale(fmt, found)):
                 problems.append((module, f"{kind} scale {float(_scale(fmt, found))} from amax {float(found)}"))
         if weight_amax is not None and input_amax is not None:
@@ -156,13 +160,33 @@ def _engine_shared(amax: dict[str, torch.Tensor], quantized: list[str]) -> dict[
     return shared
 
 
-def _refusal(problems: list[tuple[str, str]]) -> UserError:
+def _refusal(problems: list[tuple[str, str]], why: str = "serving engines would compute NaN with them",
+             fix: str = "recalibrate so that every quantized module sees data (more data.num_samples, "
+                        "calib=all_experts), or leave these modules unquantized") -> UserError:
     problems = sorted(set(problems), key=lambda p: (natural_key(p[0]), p[1]))
     listing = "; ".join(f"{m} ({why})" for m, why in problems)
     modules = len({m for m, _ in problems})
-    return UserError(f"{modules} quantized modules cannot be exported, serving engines would compute NaN with them: "
-                     f"{listing}", fix="recalibrate so that every quantized module sees data (more data.num_samples, "
-                                       "calib=all_experts), or leave these modules unquantized")
+    return UserError(f"{modules} quantized modules cannot be exported, {why}: {listing}", fix=fix)
+
+
+# The smallest positive float8_e4m3fn (a subnormal): a largest block scale (NVFP4) or code (FP8) below it is 0.
+_E4M3_TINY = 2.0 ** -9
+
+
+def weight_range_problem(real: torch.Tensor, weight_amax: torch.Tensor) -> str | None:
+    """Why the scales from ``weight_amax`` cannot represent ``real``, or None. The largest element maps to
+    max|w| x 448 / amax: the NVFP4 block scale of its block (E4M3) or its FP8 code. Above 448 it saturates (the
+    weight is clipped: an amax below the weight's own max); below E4M3's smallest value every block is zero."""
+    top, amax = float(real.float().abs().max()), float(weight_amax)
+    if top > amax:
+        return f"weight amax {amax} below the weight's own max {top}: its scales cannot represent it"
+    if top * E4M3_MAX / amax < _E4M3_TINY:
+        return f"weight amax {amax} over {top}: every scale of the weight underflows to 0"
+    return None
+
+
+class _WeightOutOfRange(Exception):
+    """A weight its amax cannot represent (collected over the whole export, then refused at once)."""
 
 
 def _linear_tensors(module: str, reader: ShardReader, scales: ModuleScales | None, unquantized: str,
@@ -180,6 +204,8 @@ def _linear_tensors(module: str, reader: ShardReader, scales: ModuleScales | Non
     # The real weight exactly as the calibrated model's quantizer saw it (bf16 compute dtype).
     weight = weight.to(device)
     real = dequant(weight, block_scale.to(device), torch.bfloat16) if block_scale is not None else weight.to(torch.bfloat16)
+    if (problem := weight_range_problem(real, scales.weight_amax)) is not None:
+        raise _WeightOutOfRange(problem)
     if scales.fmt == NVFP4:
         packed, block, scale_2 = pack_nvfp4(real, scales.weight_amax.to(device))
         tensors = {f"{hf}.weight": packed, f"{hf}.weight_scale": block, f"{hf}.weight_scale_2": scale_2}
@@ -248,13 +274,21 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
             by_module: dict[str, list[str]] = {}
             for key in keys:
                 by_module.setdefault(key.rsplit(".", 1)[0], []).append(key)
+            out_of_range: list[tuple[str, str]] = []  # known only once each weight is read
             for module in tqdm(modules, desc="export", unit="module", disable=not progress):
                 if module in formats:
-                    tensors = _linear_tensors(module, reader, plan.get(module), unquantized, compute)
+                    try:
+                        tensors = _linear_tensors(module, reader, plan.get(module), unquantized, compute)
+                    except _WeightOutOfRange as err:
+                        out_of_range.append((module, str(err)))
+                        continue
                 else:
                     tensors = {to_hf(k): reader.get(k) for k in by_module[module]}
                 for name, tensor in tensors.items():
                     writer.add(name, tensor)
+            if out_of_range:  # the temporary folder goes with the error: nothing is left behind
+                raise _refusal(out_of_range, why="their calibrated scales cannot represent their weights",
+                               fix="export a run calibrated on this checkpoint, with its amax dicts as it wrote them")
             writer.finish()
             quant = hf_quant_config(run, formats, modules)
             write_json(tmp / "hf_quant_config.json", quant)
