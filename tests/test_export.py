@@ -385,3 +385,26 @@ def test_refuses_weight_amax_its_scales_cannot_represent(runs, tmp_path, fmt):
     assert f"{below} (weight amax" in message and "below the weight's own max" in message
     assert f"{above} (weight amax" in message and "every scale of the weight underflows to 0" in message
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+SOFTMAX = ["model.score_func=softmax", "model.gate_bias=false"]  # the V2 family's routing (DeepSeek-V2, V2-Lite)
+
+
+@pytest.fixture(scope="module")
+def softmax_export(tmp_path_factory, cache_dir) -> Path:
+    run_dir = run_job(tmp_path_factory.mktemp("softmax"), TINY + SOFTMAX)
+    return export_run(run_dir, tmp_path_factory.mktemp("softmax_hf") / "hf", progress=False)
+
+
+def test_softmax_routed_models_export_as_deepseek_v2(softmax_export, exports):
+    """transformers' and vLLM's V3 classes route with sigmoid scores whatever scoring_func says: a softmax-routed
+    model is named DeepseekV2ForCausalLM, with the fields its router reads."""
+    config = json.loads((softmax_export / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV2ForCausalLM"] and config["model_type"] == "deepseek_v2"
+    assert (config["scoring_func"], config["topk_method"], config["norm_topk_prob"]) == ("softmax", "group_limited_greedy",
+                                                                                        False)
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.5)
+    assert not [k for k in read_export(softmax_export) if "e_score_correction_bias" in k]  # V2 has no selection bias
+    v3 = json.loads((exports[1] / "config.json").read_text())
+    assert (v3["architectures"], v3["model_type"], v3["scoring_func"]) == (["DeepseekV3ForCausalLM"], "deepseek_v3",
+                                                                           "sigmoid")

@@ -77,11 +77,21 @@ def _topk_method(args: ModelArgs) -> str:
     return "group_limited_greedy" if args.n_expert_groups > 1 else "greedy"
 
 
+def architecture(args: ModelArgs) -> tuple[str, str]:
+    """(architecture, model_type) loaders build for these ModelArgs: the V2 family routes with softmax scores (V2,
+    V2-Lite, V2.5), V3 with sigmoid scores and the selection bias; loaders pick the router by this name (the V3
+    classes route with sigmoid whatever ``scoring_func`` says)."""
+    if args.score_func == "softmax":
+        return "DeepseekV2ForCausalLM", "deepseek_v2"
+    return "DeepseekV3ForCausalLM", "deepseek_v3"
+
+
 def hf_config(args: ModelArgs) -> dict[str, Any]:
-    """config.json of a Hugging Face DeepSeek-V3 checkpoint for these ModelArgs (the MTP layer is not exported)."""
+    """config.json of a Hugging Face DeepSeek-V2/V3 checkpoint for these ModelArgs (the MTP layer is not exported)."""
+    name, model_type = architecture(args)
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+        "architectures": [name],
+        "model_type": model_type,
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
         "intermediate_size": args.inter_dim,
