@@ -11,6 +11,7 @@ from typing import Any
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.attention import uses_yarn
 
 # Module-name components, DeepSeek -> Hugging Face (one path component each, never a substring).
 _MODULES = {
@@ -89,6 +90,7 @@ def architecture(args: ModelArgs) -> tuple[str, str]:
 def hf_config(args: ModelArgs) -> dict[str, Any]:
     """config.json of a Hugging Face DeepSeek-V2/V3 checkpoint for these ModelArgs (the MTP layer is not exported)."""
     name, model_type = architecture(args)
+    yarn = uses_yarn(args)
     return {
         "architectures": [name],
         "model_type": model_type,
@@ -120,11 +122,12 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "rope_theta": args.rope_theta,
-        "max_position_embeddings": int(args.original_seq_len * args.rope_factor),
+        # The rotary the model ran (model.attention.uses_yarn), whatever max_seq_len was.
+        "max_position_embeddings": int(args.original_seq_len * args.rope_factor) if yarn else args.original_seq_len,
         "rope_scaling": {"type": "yarn", "factor": args.rope_factor,
                          "original_max_position_embeddings": args.original_seq_len,
                          "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
-                         "mscale": args.mscale, "mscale_all_dim": args.mscale},
+                         "mscale": args.mscale, "mscale_all_dim": args.mscale} if yarn else None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
@@ -159,7 +162,9 @@ def args_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Mode
                         fix="point at the config.json of a Hugging Face DeepSeek-V3/R1 checkpoint") from err
     if quant.get("scale_fmt"):
         values["scale_fmt"] = quant["scale_fmt"]
-    if rope:
+    if not rope:  # no rotary scaling declared: plain RoPE (ModelArgs' default factor is DeepSeek-V3's 40)
+        values["rope_factor"] = 1.0
+    else:
         values.update(rope_factor=rope.get("factor", 40), original_seq_len=rope.get("original_max_position_embeddings", 4096),
                       beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
                       mscale=rope.get("mscale_all_dim", rope.get("mscale", 1.0)))
