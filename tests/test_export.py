@@ -408,3 +408,19 @@ def test_softmax_routed_models_export_as_deepseek_v2(softmax_export, exports):
     v3 = json.loads((exports[1] / "config.json").read_text())
     assert (v3["architectures"], v3["model_type"], v3["scoring_func"]) == (["DeepseekV3ForCausalLM"], "deepseek_v3",
                                                                            "sigmoid")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_export_files_follow_the_umask(run_w1, tmp_path, mask):
+    """A server running as another user reads the export: 0644 files in a 0755 folder by default (the umask's)."""
+    import stat
+
+    previous = os.umask(mask)
+    try:
+        out = export_run(run_w1, tmp_path / "hf", max_shard_bytes=2_000_000, progress=False)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {"config.json", "hf_quant_config.json", "model.safetensors.index.json"} <= set(modes)
+    assert {n: oct(m) for n, m in modes.items() if m != 0o666 & ~mask} == {}

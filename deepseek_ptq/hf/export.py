@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.files import atomic_output_dir, check_new_output, write_json
+from deepseek_ptq.files import atomic_output_dir, check_new_output, set_default_mode, write_json
 from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
 from deepseek_ptq.hf.names import LINEAR_MODULES, hf_config, hf_module, to_hf
 from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
@@ -296,7 +296,8 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
                                                     "quantization_config": convert_hf_quant_config_format(quant)})
             for name in TOKENIZER_FILES:
                 if (run.ckpt_dir / name).exists():
-                    shutil.copy2(run.ckpt_dir / name, tmp / name)
+                    shutil.copyfile(run.ckpt_dir / name, tmp / name)  # the umask's mode, not the source's
+                    set_default_mode(tmp / name)
     log.info("exported %s -> %s (%d quantized linears)", run_dir, out, len(plan))
     return out
 
