@@ -1,19 +1,21 @@
-"""Export of calibrated tiny runs to the Hugging Face layout serving engines load (NVFP4 at W = 1 and 2, FP8).
+"""Export of calibrated tiny runs to the Hugging Face layout serving engines load (NVFP4, NVFP4 attention, FP8;
+W = 1 and 2).
 
-What "bit for bit" compares (NVFP4): for every quantized linear, the exported weight decoded the way an engine
-does (E2M1 code x float8 block scale x weight_scale_2, to bf16; the decoder below is written independently of
-the exporter) against the calibrated model's fake-quantized weight ``weight_quantizer(dequantized_weight())``:
-the model rebuilt from the run's W = 1 checkpoint, quantized by modelopt with the run's config (CPU NVFP4
-backend), the run's merged amax dicts loaded into its quantizers, and the weight amax of each w1/w3 pair
-(routed expert, dense MLP, shared experts) set to the pair's max: the one ``weight_scale_2`` a serving engine
-uses for its fused gate_up GEMM. The W = 2 run is checked against the same W = 1 model (a 16-element NVFP4 block
-never crosses a shard boundary, so the full tensor quantizes like its shards).
+What "bit for bit" compares: for every quantized linear, the exported weight decoded the way an engine does
+(NVFP4: E2M1 code x float8 block scale x weight_scale_2, to bf16; FP8: code x scale; the decoders below are
+written independently of the exporter) against the evaluated model's fake-quantized weight
+``weight_quantizer(dequantized_weight())``: the model rebuilt from the run's W = 1 checkpoint, quantized by
+modelopt with the run's config (CPU NVFP4 backend), the run's merged amax dicts loaded into its quantizers as
+they are. The run itself gave every fused pair (w1/w3, wq_a/wkv_a) one amax before it evaluated, so nothing is
+adjusted here. The W = 2 runs are checked against the same W = 1 model (a 16-element NVFP4 block never crosses
+a shard boundary, so the full tensor quantizes like its shards).
 FP8: the exported codes times modelopt's own scale inverse (1 / (448 / amax)) give the fake-quantized weight bit
 for bit; ``weight_scale`` is amax / 448, the scale engines multiply back.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -48,22 +50,50 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def run_w1(tmp_path_factory, cache_dir) -> Path:
-    return run_job(tmp_path_factory.mktemp("nvfp4_w1"), TINY)
+# The quant choices the export writes: the default NVFP4, NVFP4 attention projections too, FP8.
+FORMATS = {"nvfp4": [], "attn_nvfp4": ["quant.attn=nvfp4"], "fp8": ["quant=fp8"]}
 
 
 @pytest.fixture(scope="module")
-def run_w2(tmp_path_factory, cache_dir) -> Path:
-    return run_job(tmp_path_factory.mktemp("nvfp4_w2"), TINY + ["parallel=mp2"])
+def runs(tmp_path_factory, cache_dir):
+    """run(fmt, world_size): the run directory of that calibration, made once per module."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def run(fmt: str, world_size: int) -> Path:
+        if (fmt, world_size) not in made:
+            extra = ["parallel=mp2"] if world_size == 2 else []
+            made[fmt, world_size] = run_job(tmp_path_factory.mktemp(f"{fmt}_w{world_size}"), TINY + FORMATS[fmt] + extra)
+        return made[fmt, world_size]
+    return run
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, run_w1, run_w2) -> dict[int, Path]:
-    # A small shard size so the tiny model spreads over several files and the index is exercised.
-    root = tmp_path_factory.mktemp("exports")
-    return {w: export_run(run, root / f"hf_w{w}", max_shard_bytes=2_000_000, unquantized="fp8", progress=False)
-            for w, run in ((1, run_w1), (2, run_w2))}
+def exported(tmp_path_factory, runs):
+    """export(fmt, world_size): the run's export, made once (small shards: the index spans several files)."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def export(fmt: str, world_size: int) -> Path:
+        if (fmt, world_size) not in made:
+            out = tmp_path_factory.mktemp("exports") / f"hf_{fmt}_w{world_size}"
+            made[fmt, world_size] = export_run(runs(fmt, world_size), out, max_shard_bytes=2_000_000,
+                                               unquantized="fp8", progress=False)
+        return made[fmt, world_size]
+    return export
+
+
+@pytest.fixture(scope="module")
+def run_w1(runs) -> Path:
+    return runs("nvfp4", 1)
+
+
+@pytest.fixture(scope="module")
+def run_w2(runs) -> Path:
+    return runs("nvfp4", 2)
+
+
+@pytest.fixture(scope="module")
+def exports(exported) -> dict[int, Path]:
+    return {w: exported("nvfp4", w) for w in (1, 2)}
 
 
 def read_export(out: Path) -> dict[str, torch.Tensor]:
@@ -119,46 +149,71 @@ def hf(module: str) -> str:
     return "model." + ".".join(table.get(p, p) for p in module.split("."))
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.slow  # run_w2: two spawned ranks
-def test_nvfp4_export_equals_calibrated_fake_quant(exports, run_w1, run_w2, world_size):
-    run_dir = {1: run_w1, 2: run_w2}[world_size]
-    tensors = read_export(exports[world_size])
-    model, linears, amax = calibrated_model(run_dir, TINY)
+def decode_fp8(codes: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """FP8 codes times modelopt's own scale inverse (1 / (448 / amax)), to bf16."""
+    return (codes.float() * (1 / (448.0 / amax.float()))).to(torch.bfloat16)
+
+
+FUSED = (("w1", "w3"), ("wq_a", "wkv_a"))  # literal: what engines run as one GEMM (README, "Engine constraints")
+
+
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])  # W = 2: two spawned ranks
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_export_equals_the_evaluated_model(runs, exported, fmt, world_size):
+    run_dir = runs(fmt, world_size)
+    tensors = read_export(exported(fmt, world_size))
+    model, linears, amax = calibrated_model(run_dir, TINY + FORMATS[fmt])
     quantized = {n: m for n, m in linears.items() if m.weight_quantizer.is_enabled}
-    assert len(quantized) == 160  # 4 wo + dense w1/w2/w3 + 3 MoE layers x (16 experts + shared) x 3
-    differing_pairs = 0
-    for name, module in quantized.items():
-        if name.endswith(".w1"):  # the engine's fused gate_up: one weight_scale_2 from the pair's max
-            partner = linears[name[:-1] + "3"]
-            differing_pairs += not torch.equal(module.weight_quantizer.amax, partner.weight_quantizer.amax)
-            shared = torch.maximum(module.weight_quantizer.amax, partner.weight_quantizer.amax)
-            module.weight_quantizer.amax = shared
-            partner.weight_quantizer.amax = shared.clone()
-    assert differing_pairs > 0, "no w1/w3 pair with different amax: the shared-scale rule is not exercised"
+    attn = {n for n in quantized if ".attn." in n}
+    assert len(quantized) - len(attn) == 156  # dense w1/w2/w3 + 3 MoE layers x (16 experts + shared) x 3
+    assert {n.rsplit(".", 1)[1] for n in attn} == {"nvfp4": {"wo"}, "attn_nvfp4": {"wq_a", "wq_b", "wkv_a", "wo"},
+                                                  "fp8": set()}[fmt]
+    nvfp4 = fmt != "fp8"
     with torch.no_grad():
         for name, module in quantized.items():
             p = hf(name)
-            weight, scale, scale_2 = tensors[f"{p}.weight"], tensors[f"{p}.weight_scale"], tensors[f"{p}.weight_scale_2"]
-            out_f, in_f = module.weight.shape
-            assert (weight.dtype, tuple(weight.shape)) == (torch.uint8, (out_f, in_f // 2))
-            assert (scale.dtype, tuple(scale.shape)) == (torch.float8_e4m3fn, (out_f, in_f // 16))
-            assert (scale_2.dtype, scale_2.shape) == (torch.float32, torch.Size([]))
-            expected = module.weight_quantizer(module.dequantized_weight())
-            assert torch.equal(decode_nvfp4(weight, scale, scale_2), expected), name
-            assert torch.equal(unpack_nvfp4(weight, scale, scale_2), expected), name
+            weight, scale = tensors[f"{p}.weight"], tensors[f"{p}.weight_scale"]
+            weight_amax = amax[f"{name}.weight_quantizer._amax"].float()
             input_amax = amax[f"{name}.input_quantizer._amax"].float()
-            if name.endswith((".w1", ".w3")):
-                input_amax = torch.maximum(input_amax, amax[f"{name[:-1]}{'3' if name.endswith('1') else '1'}"
-                                                              f".input_quantizer._amax"].float())
+            out_f, in_f = module.weight.shape
+            expected = module.weight_quantizer(module.dequantized_weight())
+            if nvfp4:
+                scale_2 = tensors[f"{p}.weight_scale_2"]
+                assert (weight.dtype, tuple(weight.shape)) == (torch.uint8, (out_f, in_f // 2))
+                assert (scale.dtype, tuple(scale.shape)) == (torch.float8_e4m3fn, (out_f, in_f // 16))
+                assert (scale_2.dtype, scale_2.shape) == (torch.float32, torch.Size([]))
+                assert torch.equal(decode_nvfp4(weight, scale, scale_2), expected), name
+                assert torch.equal(unpack_nvfp4(weight, scale, scale_2), expected), name
+                assert torch.equal(scale_2, weight_amax / 2688)
+                assert torch.equal(tensors[f"{p}.input_scale"], input_amax / 2688)
+            else:
+                assert weight.dtype == torch.float8_e4m3fn and weight.shape == module.weight.shape
+                assert torch.equal(decode_fp8(weight, weight_amax), expected), name
+                assert torch.equal(scale, weight_amax / 448)
+                assert torch.equal(tensors[f"{p}.input_scale"], input_amax / 448)
             assert tensors[f"{p}.input_scale"].dtype == torch.float32
-            assert torch.equal(tensors[f"{p}.input_scale"], input_amax / 2688)
-            assert torch.equal(scale_2, module.weight_quantizer.amax.float() / 2688)
-        # Linears left unquantized keep the released FP8 form; the rest keeps its values under its HF name.
-        state = model.state_dict()
-        for name in ("layers.2.attn.wq_a", "layers.0.attn.wkv_b"):
-            assert torch.equal(tensors[f"{hf(name)}.weight"].view(torch.uint8), state[f"{name}.weight"].view(torch.uint8))
-            assert torch.equal(tensors[f"{hf(name)}.weight_scale_inv"], state[f"{name}.scale"])
+    # Every fused pair exported with one weight scale and one input scale, as engines need them.
+    pairs = [(n, n[: -len(a)] + b) for n in quantized for a, b in FUSED if n.endswith("." + a)]
+    assert len(pairs) == 52 + (4 if fmt == "attn_nvfp4" else 0)
+    weight_scale = "weight_scale_2" if nvfp4 else "weight_scale"
+    for a, b in pairs:
+        for kind in (weight_scale, "input_scale"):
+            assert torch.equal(tensors[f"{hf(a)}.{kind}"], tensors[f"{hf(b)}.{kind}"]), (a, b, kind)
+    # The rule was exercised: the run raised the smaller weight amax of some pairs (amax.csv says which).
+    with open(run_dir / "stats" / "amax.csv") as f:
+        fused = {r["quantizer"] for r in csv.DictReader(f) if r["source"] == "fused_max"}
+    assert any(q.endswith(".w3.weight_quantizer") or q.endswith(".w1.weight_quantizer") for q in fused)
+    assert fmt != "attn_nvfp4" or any(".attn.wq_a.weight" in q or ".attn.wkv_a.weight" in q for q in fused)
+    if fmt == "nvfp4" and world_size == 1:
+        _check_other_tensors(tensors, model)
+
+
+def _check_other_tensors(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Linears left unquantized keep the released FP8 form; the rest keeps its values under its HF name."""
+    state = model.state_dict()
+    for name in ("layers.2.attn.wq_a", "layers.0.attn.wkv_b"):
+        assert torch.equal(tensors[f"{hf(name)}.weight"].view(torch.uint8), state[f"{name}.weight"].view(torch.uint8))
+        assert torch.equal(tensors[f"{hf(name)}.weight_scale_inv"], state[f"{name}.scale"])
     assert torch.equal(tensors["model.layers.3.mlp.gate.e_score_correction_bias"], state["layers.3.ffn.gate.bias"])
     assert tensors["model.layers.3.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert torch.equal(tensors["model.layers.1.mlp.gate.weight"], state["layers.1.ffn.gate.weight"])
@@ -213,10 +268,11 @@ def test_formats_follow_the_run(run_w1):
         module_formats(build_quant_config(awq, on_cpu=False), linears, "INT4_AWQ_CFG")
 
 
-def test_fp8_export(tmp_path, cache_dir):
-    """FP8 per-tensor codes are the fake quantizer's; the run's .hydra/config.yaml is read; --unquantized bf16."""
-    overrides = TINY + ["quant=fp8"]
-    run_dir = run_job(tmp_path, overrides)
+def test_fp8_export_reads_the_hydra_config(runs, tmp_path):
+    """The run's .hydra/config.yaml tells the exporter the quant group; --unquantized bf16 dequantizes the rest."""
+    overrides = TINY + FORMATS["fp8"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs("fp8", 1), run_dir)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(make_cfg(FAST + overrides), run_dir / ".hydra" / "config.yaml")
     (run_dir / "hf_quant_config.json").unlink()  # so only .hydra can tell the exporter the quant group
@@ -226,16 +282,10 @@ def test_fp8_export(tmp_path, cache_dir):
     quantized = {n: m for n, m in linears.items() if m.weight_quantizer.is_enabled}
     assert quantized and all(".attn." not in n for n in quantized)  # FP8 preset: attention stays unquantized
     with torch.no_grad():
-        for name, module in quantized.items():
-            p = hf(name)
-            codes, weight_scale = tensors[f"{p}.weight"], tensors[f"{p}.weight_scale"]
-            assert codes.dtype == torch.float8_e4m3fn and codes.shape == module.weight.shape
-            weight_amax = amax[f"{name}.weight_quantizer._amax"].float()
-            modelopt_scale_inv = 1 / (448.0 / weight_amax)
-            expected = module.weight_quantizer(module.dequantized_weight())
-            assert torch.equal((codes.float() * modelopt_scale_inv).to(torch.bfloat16), expected), name
-            assert torch.equal(weight_scale, weight_amax / 448)
-            assert torch.equal(tensors[f"{p}.input_scale"], amax[f"{name}.input_quantizer._amax"].float() / 448)
+        for name in ("layers.0.ffn.w1", "layers.2.ffn.experts.7.w2"):
+            codes = tensors[f"{hf(name)}.weight"]
+            expected = linears[name].weight_quantizer(linears[name].dequantized_weight())
+            assert torch.equal(decode_fp8(codes, amax[f"{name}.weight_quantizer._amax"]), expected), name
         wq_a = linears["layers.1.attn.wq_a"]
         assert torch.equal(tensors["model.layers.1.self_attn.q_a_proj.weight"], wq_a.dequantized_weight())
     assert "model.layers.1.self_attn.q_a_proj.weight_scale_inv" not in tensors
@@ -301,3 +351,76 @@ def test_refuses_unfinished_runs_and_used_outputs(run_w1, tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "failed"}))
     with pytest.raises(UserError, match="status 'failed'"):
         export_run(run_dir, tmp_path / "hf", progress=False)
+
+
+def test_refuses_negative_amax(run_w1, tmp_path):
+    def edit(amax):
+        amax["layers.1.ffn.experts.2.w2.input_quantizer._amax"].neg_()
+        amax["layers.3.attn.wo.weight_quantizer._amax"].neg_()
+
+    with pytest.raises(UserError) as err:
+        export_run(broken_copy(run_w1, tmp_path / "run", edit), tmp_path / "hf", progress=False)
+    message = str(err.value)
+    assert message.startswith("2 quantized modules cannot be exported"), message
+    assert "layers.1.ffn.experts.2.w2 (negative input amax -" in message
+    assert "layers.3.attn.wo (negative weight amax -" in message
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_refuses_weight_amax_its_scales_cannot_represent(runs, tmp_path, fmt):
+    """A weight amax below the weight's own max (NVFP4 block scales past 448, FP8 codes clipped) or so far above
+    it that every scale is 0: every such module listed, after every weight was read; nothing left behind."""
+    below, above = "layers.0.ffn.w2", "layers.2.ffn.experts.9.w2"
+
+    def edit(amax):
+        amax[f"{below}.weight_quantizer._amax"].mul_(0.5)
+        amax[f"{above}.weight_quantizer._amax"].mul_(1e6)
+
+    with pytest.raises(UserError) as err:
+        export_run(broken_copy(runs(fmt, 1), tmp_path / "run", edit), tmp_path / "hf", progress=False)
+    message = str(err.value)
+    assert message.startswith("2 quantized modules cannot be exported, their calibrated scales cannot represent "
+                              "their weights"), message
+    assert f"{below} (weight amax" in message and "below the weight's own max" in message
+    assert f"{above} (weight amax" in message and "every scale of the weight underflows to 0" in message
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+SOFTMAX = ["model.score_func=softmax", "model.gate_bias=false"]  # the V2 family's routing (DeepSeek-V2, V2-Lite)
+
+
+@pytest.fixture(scope="module")
+def softmax_export(tmp_path_factory, cache_dir) -> Path:
+    run_dir = run_job(tmp_path_factory.mktemp("softmax"), TINY + SOFTMAX)
+    return export_run(run_dir, tmp_path_factory.mktemp("softmax_hf") / "hf", progress=False)
+
+
+def test_softmax_routed_models_export_as_deepseek_v2(softmax_export, exports):
+    """transformers' and vLLM's V3 classes route with sigmoid scores whatever scoring_func says: a softmax-routed
+    model is named DeepseekV2ForCausalLM, with the fields its router reads."""
+    config = json.loads((softmax_export / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV2ForCausalLM"] and config["model_type"] == "deepseek_v2"
+    assert (config["scoring_func"], config["topk_method"], config["norm_topk_prob"]) == ("softmax", "group_limited_greedy",
+                                                                                        False)
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.5)
+    assert not [k for k in read_export(softmax_export) if "e_score_correction_bias" in k]  # V2 has no selection bias
+    v3 = json.loads((exports[1] / "config.json").read_text())
+    assert (v3["architectures"], v3["model_type"], v3["scoring_func"]) == (["DeepseekV3ForCausalLM"], "deepseek_v3",
+                                                                           "sigmoid")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_export_files_follow_the_umask(run_w1, tmp_path, mask):
+    """A server running as another user reads the export: 0644 files in a 0755 folder by default (the umask's)."""
+    import stat
+
+    previous = os.umask(mask)
+    try:
+        out = export_run(run_w1, tmp_path / "hf", max_shard_bytes=2_000_000, progress=False)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {"config.json", "hf_quant_config.json", "model.safetensors.index.json"} <= set(modes)
+    assert {n: oct(m) for n, m in modes.items() if m != 0o666 & ~mask} == {}

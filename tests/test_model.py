@@ -170,3 +170,29 @@ def test_without_q_lora_the_model_runs():
     model.load_state_dict(random_full_state(args, 0))
     out = model(torch.randint(0, 256, (1, 8)))
     assert out.shape == (1, 8, 256) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("max_seq_len", [2048, 4096, 8192])
+def test_attention_is_the_one_the_exported_config_declares_whatever_max_seq_len(max_seq_len):
+    """Rotary frequencies and softmax scale do not depend on max_seq_len (either side of original_seq_len=4096):
+    they are YaRN's from the factors config.json declares, which engines run (the scale as transformers' DeepSeek
+    attention derives it: qk_head_dim^-0.5 x (0.1 x mscale_all_dim x ln(factor) + 1)^2)."""
+    import dataclasses
+    import math
+
+    from deepseek_ptq.hf.names import hf_config
+    from deepseek_ptq.model.attention import MLA, precompute_freqs_cis, softmax_scale
+
+    args, longest = dataclasses.replace(TINY, max_seq_len=max_seq_len), dataclasses.replace(TINY, max_seq_len=16384)
+    assert torch.equal(precompute_freqs_cis(args), precompute_freqs_cis(longest)[:max_seq_len])
+    config = hf_config(args)
+    rope = config["rope_scaling"]
+    assert (rope["type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 40, 4096)
+    declared = (config["qk_nope_head_dim"] + config["qk_rope_head_dim"]) ** -0.5 * \
+        (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1) ** 2
+    with torch.device("meta"):
+        assert MLA(args, Parallel(), fp8=False).softmax_scale == softmax_scale(longest) == pytest.approx(declared, rel=1e-12)
+    # Plain RoPE declared as none: a config without rotary scaling runs none.
+    plain = dataclasses.replace(TINY, max_seq_len=max_seq_len, rope_factor=1.0)
+    assert hf_config(plain)["rope_scaling"] is None
+    assert softmax_scale(plain) == TINY.qk_head_dim ** -0.5

@@ -5,17 +5,19 @@
 Reads the run's amax dicts (any world size W) and its FP8 checkpoint, one module at a time, and writes
 sharded safetensors with an index, config.json (with ``quantization_config``), hf_quant_config.json and the
 tokenizer files. NVFP4 linears: packed uint8 weight, float8_e4m3fn ``weight_scale`` per 16 elements,
-``weight_scale_2`` and ``input_scale`` = amax / (6 x 448); gate/up (w1/w3) of one expert, dense MLP or shared
-experts share the max of their two weight amax (one ``weight_scale_2``, as engines fuse them) and of their two
-input amax. FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scale`` = amax / 448. Linears
+``weight_scale_2`` and ``input_scale`` = amax / (6 x 448); the linears engines fuse (w1/w3, wq_a/wkv_a) share
+one weight amax and one input amax, the pair's max, applied in the run before its evaluation
+(quant/engine_constraints.py). FP8 linears: float8_e4m3fn weight, ``weight_scale`` and ``input_scale`` = amax / 448. Linears
 left unquantized are written in bf16 by default: that is the form of NVIDIA's public NVFP4 DeepSeek
 checkpoints, and the engines' loaders for modelopt checkpoints treat excluded modules as plain bf16 linears.
 ``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
 DeepSeek-V3.2's indexer is written in its stored form (wq_b, wk FP8 blocks; k_norm, weights_proj bf16) unless the
 run quantized it (``quant.indexer=fp8``); its modules are listed in ``exclude_modules`` when left unquantized.
 
-A quantized module without an amax, or with a zero, NaN or infinite scale, stops the export before anything
-is written (engines turn such checkpoints into NaN output); the output appears only when complete.
+A quantized module without an amax, or with a negative amax or a zero, NaN or infinite scale, stops the export
+before anything is written (engines turn such checkpoints into NaN output); one whose weight amax is below the
+weight's own max (its block scales or FP8 codes would saturate) or so far above it that every scale is 0 stops it
+once every weight has been read, listing every such module. The output appears only when complete.
 """
 
 from __future__ import annotations
@@ -37,15 +39,16 @@ from tqdm import tqdm
 
 from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.files import atomic_output_dir, check_new_output, write_json
+from deepseek_ptq.files import atomic_output_dir, check_new_output, set_default_mode, write_json
 from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
 from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, to_hf
-from deepseek_ptq.hf.nvfp4_pack import fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
+from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import ShardReader, pick_world_size
 from deepseek_ptq.model.kernels import dequant
 from deepseek_ptq.pipeline import rundir
+from deepseek_ptq.quant.engine_constraints import shared_amax
 
 log = logging.getLogger(__name__)
 # modelopt warns on import that transformers is missing; this export does not use its transformers code.
@@ -53,7 +56,6 @@ warnings.filterwarnings("ignore", message="Cannot find transformers package")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tiktoken.model", "tokenization_kimi.py")  # the last two: Kimi-K2's tokenizer
 _AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
-_FUSED = {"w1": "w3", "w3": "w1"}  # gate_proj/up_proj: engines run them as one GEMM
 
 
 @dataclass
@@ -122,28 +124,22 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
         raise UserError(f"the run holds amax for linears its quant config leaves unquantized: {', '.join(stray[:5])}",
                         fix="export the run with the config it was calibrated with (its .hydra/config.yaml)")
 
+    amax = _engine_shared(amax, sorted(quantized, key=natural_key))
+
     def value(module: str, kind: str) -> torch.Tensor | None:
         found = amax.get(f"{module}.{kind}_quantizer._amax")
         return None if found is None else found.float().amax()
-
-    def shared(module: str, kind: str) -> torch.Tensor | None:
-        """The amax the module is exported with: w1/w3 share the max of the pair (NVFP4 weights, all inputs)."""
-        own = value(module, kind)
-        last = module.rsplit(".", 1)[-1]
-        partner = module[: -len(last)] + _FUSED[last] if last in _FUSED else None
-        other = value(partner, kind) if partner in quantized and formats[partner] == formats[module] else None
-        if own is None or other is None or (kind == "weight" and formats[module] != NVFP4):
-            return own
-        return torch.maximum(own, other)
 
     problems: list[tuple[str, str]] = []
     plan = {}
     for module in sorted(quantized, key=natural_key):
         fmt = formats[module]
-        weight_amax, input_amax = shared(module, "weight"), shared(module, "input")
+        weight_amax, input_amax = value(module, "weight"), value(module, "input")
         for kind, found in (("input", input_amax), ("weight", weight_amax)):
             if found is None:
                 problems.append((module, f"no {kind} amax"))
+            elif float(found) < 0:
+                problems.append((module, f"negative {kind} amax {float(found)}"))
             elif _bad(_scale(fmt, found)):
                 problems.append((module, f"{kind} scale {float(_scale(fmt, found))} from amax {float(found)}"))
         if weight_amax is not None and input_amax is not None:
@@ -153,13 +149,47 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
     return plan
 
 
-def _refusal(problems: list[tuple[str, str]]) -> UserError:
+def _engine_shared(amax: dict[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
+    """The run's amax, fused pairs sharing the max (the run applied that rule before its evaluation: a run from
+    before it did not, and its evaluation then describes another model than this export)."""
+    shared = shared_amax(amax, quantized)
+    differing = sorted({k.rsplit(".", 2)[0] for k in amax
+                        if bool(torch.isfinite(shared[k]).all()) and not torch.equal(shared[k], amax[k])}, key=natural_key)
+    if differing:
+        log.warning("%d fused linears (w1/w3, wq_a/wkv_a) hold different amax from their partner's (a run made before "
+                    "engine constraints were applied in the run): exported with the pair's max, which the run did not "
+                    "evaluate; recalibrate to evaluate the exported model (first: %s)", len(differing),
+                    ", ".join(differing[:3]))
+    return shared
+
+
+def _refusal(problems: list[tuple[str, str]], why: str = "serving engines would compute NaN with them",
+             fix: str = "recalibrate so that every quantized module sees data (more data.num_samples, "
+                        "calib=all_experts), or leave these modules unquantized") -> UserError:
     problems = sorted(set(problems), key=lambda p: (natural_key(p[0]), p[1]))
     listing = "; ".join(f"{m} ({why})" for m, why in problems)
     modules = len({m for m, _ in problems})
-    return UserError(f"{modules} quantized modules cannot be exported, serving engines would compute NaN with them: "
-                     f"{listing}", fix="recalibrate so that every quantized module sees data (more data.num_samples, "
-                                       "calib=all_experts), or leave these modules unquantized")
+    return UserError(f"{modules} quantized modules cannot be exported, {why}: {listing}", fix=fix)
+
+
+# The smallest positive float8_e4m3fn (a subnormal): a largest block scale (NVFP4) or code (FP8) below it is 0.
+_E4M3_TINY = 2.0 ** -9
+
+
+def weight_range_problem(real: torch.Tensor, weight_amax: torch.Tensor) -> str | None:
+    """Why the scales from ``weight_amax`` cannot represent ``real``, or None. The largest element maps to
+    max|w| x 448 / amax: the NVFP4 block scale of its block (E4M3) or its FP8 code. Above 448 it saturates (the
+    weight is clipped: an amax below the weight's own max); below E4M3's smallest value every block is zero."""
+    top, amax = float(real.float().abs().max()), float(weight_amax)
+    if top > amax:
+        return f"weight amax {amax} below the weight's own max {top}: its scales cannot represent it"
+    if top * E4M3_MAX / amax < _E4M3_TINY:
+        return f"weight amax {amax} over {top}: every scale of the weight underflows to 0"
+    return None
+
+
+class _WeightOutOfRange(Exception):
+    """A weight its amax cannot represent (collected over the whole export, then refused at once)."""
 
 
 def _linear_tensors(module: str, reader: ShardReader, scales: ModuleScales | None, unquantized: str,
@@ -177,6 +207,8 @@ def _linear_tensors(module: str, reader: ShardReader, scales: ModuleScales | Non
     # The real weight exactly as the calibrated model's quantizer saw it (bf16 compute dtype).
     weight = weight.to(device)
     real = dequant(weight, block_scale.to(device), torch.bfloat16) if block_scale is not None else weight.to(torch.bfloat16)
+    if (problem := weight_range_problem(real, scales.weight_amax)) is not None:
+        raise _WeightOutOfRange(problem)
     if scales.fmt == NVFP4:
         packed, block, scale_2 = pack_nvfp4(real, scales.weight_amax.to(device))
         tensors = {f"{hf}.weight": packed, f"{hf}.weight_scale": block, f"{hf}.weight_scale_2": scale_2}
@@ -245,15 +277,23 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
             by_module: dict[str, list[str]] = {}
             for key in keys:
                 by_module.setdefault(key.rsplit(".", 1)[0], []).append(key)
+            out_of_range: list[tuple[str, str]] = []  # known only once each weight is read
             for module in tqdm(modules, desc="export", unit="module", disable=not progress):
                 if module in formats:
                     # An unquantized indexer linear keeps its stored form (FP8 blocks in DeepSeek's release).
                     stored = "fp8" if is_indexer(module) else unquantized
-                    tensors = _linear_tensors(module, reader, plan.get(module), stored, compute)
+                    try:
+                        tensors = _linear_tensors(module, reader, plan.get(module), stored, compute)
+                    except _WeightOutOfRange as err:
+                        out_of_range.append((module, str(err)))
+                        continue
                 else:
                     tensors = {to_hf(k): reader.get(k) for k in by_module[module]}
                 for name, tensor in tensors.items():
                     writer.add(name, tensor)
+            if out_of_range:  # the temporary folder goes with the error: nothing is left behind
+                raise _refusal(out_of_range, why="their calibrated scales cannot represent their weights",
+                               fix="export a run calibrated on this checkpoint, with its amax dicts as it wrote them")
             writer.finish()
             quant = hf_quant_config(run, formats, modules)
             write_json(tmp / "hf_quant_config.json", quant)
@@ -261,7 +301,8 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
                                                     "quantization_config": convert_hf_quant_config_format(quant)})
             for name in TOKENIZER_FILES:
                 if (run.ckpt_dir / name).exists():
-                    shutil.copy2(run.ckpt_dir / name, tmp / name)
+                    shutil.copyfile(run.ckpt_dir / name, tmp / name)  # the umask's mode, not the source's
+                    set_default_mode(tmp / name)
     log.info("exported %s -> %s (%d quantized linears)", run_dir, out, len(plan))
     return out
 

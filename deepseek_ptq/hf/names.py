@@ -12,6 +12,7 @@ from typing import Any
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model import indexer
 from deepseek_ptq.model.args import ModelArgs
+from deepseek_ptq.model.attention import uses_yarn
 
 # Module-name components, DeepSeek -> Hugging Face (one path component each, never a substring).
 _MODULES = {
@@ -100,14 +101,26 @@ def _topk_method(args: ModelArgs) -> str:
     return "group_limited_greedy" if args.n_expert_groups > 1 else "greedy"
 
 
+def architecture(args: ModelArgs) -> tuple[str, str]:
+    """(architecture, model_type) loaders build for these ModelArgs: the V2 family routes with softmax scores (V2,
+    V2-Lite, V2.5), V3 with sigmoid scores and the selection bias; loaders pick the router by this name (the V3
+    classes route with sigmoid whatever ``scoring_func`` says)."""
+    if args.score_func == "softmax":
+        return "DeepseekV2ForCausalLM", "deepseek_v2"
+    if args.has_indexer:
+        return "DeepseekV32ForCausalLM", "deepseek_v32"
+    return "DeepseekV3ForCausalLM", "deepseek_v3"
+
+
 def hf_config(args: ModelArgs) -> dict[str, Any]:
-    """config.json of a Hugging Face DeepSeek-V3 (or V3.2, with the indexer) checkpoint for these ModelArgs (the MTP
-    layer is not exported)."""
-    v32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
-           "index_n_heads": args.index_n_heads, "index_head_dim": args.index_head_dim, "index_topk": args.index_topk}
+    """config.json of a Hugging Face DeepSeek-V2/V3 (or V3.2, with the indexer) checkpoint for these ModelArgs (the
+    MTP layer is not exported)."""
+    name, model_type = architecture(args)
+    yarn = uses_yarn(args)
+    v32 = {"index_n_heads": args.index_n_heads, "index_head_dim": args.index_head_dim, "index_topk": args.index_topk}
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+        "architectures": [name],
+        "model_type": model_type,
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
         "intermediate_size": args.inter_dim,
@@ -136,11 +149,12 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "rope_theta": args.rope_theta,
-        "max_position_embeddings": int(args.original_seq_len * args.rope_factor),
+        # The rotary the model ran (model.attention.uses_yarn), whatever max_seq_len was.
+        "max_position_embeddings": int(args.original_seq_len * args.rope_factor) if yarn else args.original_seq_len,
         "rope_scaling": {"type": "yarn", "factor": args.rope_factor,
                          "original_max_position_embeddings": args.original_seq_len,
                          "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
-                         "mscale": args.mscale, "mscale_all_dim": args.mscale},
+                         "mscale": args.mscale, "mscale_all_dim": args.mscale} if yarn else None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
@@ -179,7 +193,9 @@ def args_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Mode
                       index_topk=hf.get("index_topk", 2048))
     if hf.get("scale_fmt") or quant.get("scale_fmt"):
         values["scale_fmt"] = hf.get("scale_fmt") or quant["scale_fmt"]
-    if rope:
+    if not rope:  # no rotary scaling declared: plain RoPE (ModelArgs' default factor is DeepSeek-V3's 40)
+        values["rope_factor"] = 1.0
+    else:
         values.update(rope_factor=rope.get("factor", 40), original_seq_len=rope.get("original_max_position_embeddings", 4096),
                       beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
                       mscale=rope.get("mscale_all_dim", rope.get("mscale", 1.0)))

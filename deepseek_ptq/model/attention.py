@@ -19,15 +19,22 @@ from deepseek_ptq.model.indexer import Indexer
 from deepseek_ptq.model.parallel import ColumnParallelLinear, Linear, Parallel, RMSNorm, RowParallelLinear
 
 
+def uses_yarn(args: ModelArgs) -> bool:
+    """YaRN (interpolated frequencies, softmax mscale) whenever the config scales the rotary, whatever max_seq_len:
+    the exported config.json declares it and engines always run it (DeepSeek's reference only past
+    original_seq_len, so a shorter max_seq_len calibrated another attention than the one served)."""
+    return args.rope_factor > 1
+
+
 def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:
-    """Complex rotations per position, with YaRN's frequency interpolation past original_seq_len."""
+    """Complex rotations per position, with YaRN's frequency interpolation (``uses_yarn``)."""
     dim, base, factor = args.qk_rope_head_dim, args.rope_theta, args.rope_factor
 
     def correction_dim(num_rotations: float) -> float:
         return dim * math.log(args.original_seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if args.max_seq_len > args.original_seq_len:
+    if uses_yarn(args):
         low = max(math.floor(correction_dim(args.beta_fast)), 0)
         high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
         if low == high:
@@ -48,7 +55,7 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 def softmax_scale(args: ModelArgs) -> float:
     scale = args.qk_head_dim ** -0.5
-    if args.max_seq_len > args.original_seq_len:
+    if uses_yarn(args):
         mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
         scale *= mscale * mscale
     return scale

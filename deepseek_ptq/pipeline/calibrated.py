@@ -20,6 +20,7 @@ from deepseek_ptq.observe.evaluate import SequenceScores, score_sequences
 from deepseek_ptq.pipeline.data import Batches
 from deepseek_ptq.pipeline.rundir import amax_state, quantizer_lines, unquantized_linears
 from deepseek_ptq.quant.calibrate import calibrate
+from deepseek_ptq.quant.engine_constraints import apply_engine_constraints
 from deepseek_ptq.quant.fixup import fixup, has_amax, missing_amax
 
 _SUMMED = ("synced", "filled", "fixup_s", "collectives")
@@ -49,11 +50,12 @@ def _amax_table(model: torch.nn.Module) -> dict[str, float]:
 
 def fixup_record(model: torch.nn.Module, par: Parallel, sync: bool, device: torch.device) -> dict[str, Any]:
     """The fixup on ``model`` (the whole shard, or one piece of it: every rank must call it on the same piece),
-    and what it leaves for the run directory."""
+    then the engines' shared scales (local to each layer), and what they leave for the run directory."""
     before = _amax_table(model)
     report = fixup(model, par, sync_experts=sync, device=device)
+    fused = apply_engine_constraints(model)
     return {"summary": quantizer_lines(model), "before": before, "after": _amax_table(model),
-            "sources": report.sources, "missing": missing_amax(model), "unquantized": unquantized_linears(model),
+            "sources": report.sources | fused, "missing": missing_amax(model), "unquantized": unquantized_linears(model),
             "synced": report.synced_input_amax, "filled": report.filled_weight_amax, "fixup_s": report.seconds,
             "collectives": report.collectives, "no_amax_layers": report.layers_without_expert_input_amax}
 
