@@ -9,7 +9,11 @@ from typing import Any
 # forward_s: the part of calibrate_s spent in the passes over the batches (the rest: modelopt's conversion and
 # bookkeeping); converted: 1 where the layer's block was converted by modelopt, 0 where it took over the previous
 # layer's converted modules (quant/reuse.py)
-COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "forward_s", "fixup_s", "eval_s", "converted")
+# wall_s: the layer's whole step (the columns before it, plus its records and resume state)
+COLUMNS = ("layer", "load_s", "read_s", "read_wait_s", "calibrate_s", "forward_s", "fixup_s", "eval_s", "wall_s",
+           "converted")
+# resume state written by versions without these columns (they converted every layer)
+_DEFAULTS = {"converted": 1.0, "wall_s": 0.0}
 
 
 def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, Any]:
@@ -20,9 +24,7 @@ def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, 
         for entry in g["layers"]:
             row = by_layer.setdefault(entry["layer"], {k: 0.0 for k in COLUMNS[1:]})
             for key in COLUMNS[1:]:
-                # resume state written by a version without "converted" converted every layer
-                value = entry.get(key, 1.0) if key == "converted" else entry[key]
-                row[key] = max(row[key], value)
+                row[key] = max(row[key], entry.get(key, _DEFAULTS[key]) if key in _DEFAULTS else entry[key])
     stats_dir.mkdir(parents=True, exist_ok=True)
     with open(stats_dir / "layers.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -32,7 +34,8 @@ def layer_summary(gathered: list[dict[str, Any]], stats_dir: Path) -> dict[str, 
             writer.writerow([layer] + [f"{row[k]:.4f}" for k in COLUMNS[1:-1]] + [int(row["converted"])])
     if not by_layer:
         return {"layers": 0}
-    totals = {layer: row["load_s"] + row["calibrate_s"] + row["fixup_s"] + row["eval_s"] for layer, row in by_layer.items()}
+    totals = {layer: row["wall_s"] or row["load_s"] + row["calibrate_s"] + row["fixup_s"] + row["eval_s"]
+              for layer, row in by_layer.items()}
     slowest = max(totals, key=totals.get)
     layer_time = sum(totals.values())
     read = sum(row["read_s"] for row in by_layer.values())

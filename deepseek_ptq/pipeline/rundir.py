@@ -239,9 +239,25 @@ def amax_path(run_dir: Path, rank: int, world_size: int) -> Path:
     return run_dir / "amax" / f"amax_dict_rank{rank}-mp{world_size}.pt"
 
 
+def host_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[t.cpu() for t in tensors]`` in one device-to-host transfer per device and dtype: a transfer per tensor
+    waits for the device each time, seconds for the thousands of quantizers of one 671B layer."""
+    out: list[torch.Tensor | None] = [t.cpu() if t.device.type == "cpu" else None for t in tensors]
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if out[i] is None:
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    for members in groups.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in members]).cpu()
+        for i, part in zip(members, flat.split([tensors[i].numel() for i in members])):
+            out[i] = part.view(tensors[i].shape)
+    return out  # type: ignore[return-value]
+
+
 def amax_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every quantizer buffer (amax, AWQ pre-quant scales) keyed by module path, on the CPU."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "_quantizer." in k}
+    items = [(k, v.detach()) for k, v in model.state_dict().items() if "_quantizer." in k]
+    return dict(zip([k for k, _ in items], host_copies([v for _, v in items])))
 
 
 def save_amax(state: dict[str, torch.Tensor], run_dir: Path, rank: int, world_size: int) -> Path:
@@ -256,7 +272,17 @@ def quantizer_lines(model: nn.Module) -> dict[str, str]:
     """modelopt's quant-summary line of every quantizer on this rank."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    return {name: f"{name:80} {mod}" for name, mod in model.named_modules() if isinstance(mod, TensorQuantizer)}
+    quantizers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, TensorQuantizer)]
+    # modelopt formats each amax with .item(): read from host copies made in one transfer, then put back.
+    held = [(mod, key, mod._buffers[key]) for _, mod in quantizers for key in ("_amax", "_pre_quant_scale")
+            if isinstance(mod._buffers.get(key), torch.Tensor) and mod._buffers[key].device.type != "cpu"]
+    for (mod, key, _), copy in zip(held, host_copies([t for _, _, t in held])):
+        mod._buffers[key] = copy
+    try:
+        return {name: f"{name:80} {mod}" for name, mod in quantizers}
+    finally:
+        for mod, key, tensor in held:
+            mod._buffers[key] = tensor
 
 
 def write_quant_summary(per_rank: list[dict[str, str]], run_dir: Path) -> int:

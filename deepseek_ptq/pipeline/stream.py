@@ -207,7 +207,7 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
     bar = tqdm(range(state.next_layer, n_layers), desc="layers", unit="layer", disable=not rank0,
                initial=state.next_layer, total=n_layers)
     for i in bar:
-        t0 = time.perf_counter()
+        t0 = layer_start = time.perf_counter()
         if kept is not None and (why := why_not_reuse(kept, mtq_cfg, i)) is not None:
             if kept.can_become(i) and not said_why:
                 said_why = True
@@ -244,6 +244,7 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
         if every > 0 and (state.next_layer % every == 0 or state.next_layer == n_layers):
             _synchronize(device)  # the hidden states copied back to the host are complete
             resume.save(run_dir, par.rank, par.world_size, digest, state)
+        state.layers[-1]["wall_s"] = time.perf_counter() - layer_start  # all of it: records and resume state too
     kept = None
     gc.collect()  # the last block goes before the head comes back for the evaluation
     if not weights_quantized:  # modelopt's own check, which the pieces skip, for the whole model
