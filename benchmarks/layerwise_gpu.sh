@@ -2,6 +2,7 @@
 # Layer-streamed calibration on one GPU (issue 16; figures in benchmarks/NOTES.md), in two device calls:
 #   run: PART=A bash benchmarks/layerwise_gpu.sh   GPU tests; resident vs streamed on 4 layers; 3 layers from the disk
 #   run: PART=B bash benchmarks/layerwise_gpu.sh   61 layers top-k; 4 layers' peak memory; all-experts on 6 layers
+#   run: PART=C bash benchmarks/layerwise_gpu.sh   the GPU test; 3 layers from the disk and drawn; top-k on 20 layers
 # (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels). Results: $OUT/steps.txt, $OUT/results.json.
 set -u
 OUT=${OUT:-layerwise_gpu}
@@ -28,6 +29,17 @@ if [ "${PART:-A}" = A ]; then
   THREE="$SLICE model.n_layers=3 model.n_dense_layers=1 data.num_samples=256 calib=topk calib.layerwise=true"
   run disk3_topk 120 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
   run drawn3_topk 120 $THREE calib.resume_every=0
+elif [ "$PART" = C ]; then
+  step gpu_test 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layerwise.py
+  step write_slice 100 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice3 --layers 3 --dense 1
+  cp "$OUT/write_slice.log" "$RUNS/write_slice.json"
+  THREE="$SLICE model.n_layers=3 model.n_dense_layers=1 data.num_samples=1024 calib=topk calib.layerwise=true"
+  run disk3_topk 100 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
+  cp "$RUNS/disk3_topk/stats/layers.csv" "$OUT/disk3_topk_layers.csv"
+  run drawn3_topk 100 $THREE calib.resume_every=0
+  run l20_topk 150 $SLICE model.n_layers=20 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
+    calib.layerwise=true calib.resume_every=0
+  cp "$RUNS/l20_topk/stats/layers.csv" "$OUT/l20_topk_layers.csv"
 else
   run full61_topk 330 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
     calib.layerwise=true calib.resume_every=0
