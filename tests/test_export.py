@@ -41,13 +41,7 @@ TINY = ["model=tiny_random"]
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine extra torch threads only spin (export 0.7 s vs 5 s measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # The quant choices the export writes: the default NVFP4, NVFP4 attention projections too, FP8.

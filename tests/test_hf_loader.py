@@ -30,12 +30,7 @@ from deepseek_ptq.model.transformer import Transformer
 transformers = pytest.importorskip("transformers")  # a test dependency (pip install ".[test]"), pinned in pyproject
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def decode_copy(export: Path, out: Path) -> Path:
