@@ -21,11 +21,10 @@ from omegaconf import OmegaConf
 
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_write
+from deepseek_ptq.pipeline.rundir import FREE_ON_RESUME
 
 RESUME_DIR = "resume"
 KEEP = 2
-# Keys that may differ between a run and its resume: where it logs, and the resume switches themselves.
-_FREE = ("logger", "log_level", "calib.resume", "calib.resume_every", "calib.hidden_on_host")
 
 
 @dataclass
@@ -43,7 +42,7 @@ class StreamState:
 def fingerprint(cfg: Any) -> str:
     """A digest of everything that decides the numbers (not where they are logged)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for dotted in _FREE:
+    for dotted in FREE_ON_RESUME:
         *parents, last = dotted.split(".")
         node = container
         for p in parents:

@@ -168,8 +168,16 @@ def _hydra_overrides(run_dir: Path) -> list[str] | None:
     return [str(o) for o in OmegaConf.load(path)]
 
 
+# Config keys that may differ between a run and its resume (calib.resume=true): where it logs, and the resume
+# switches themselves. They change no number; the resume state's fingerprint ignores them too (pipeline/resume.py).
+FREE_ON_RESUME = ("logger", "log_level", "calib.resume", "calib.resume_every", "calib.hidden_on_host")
+
+
 def _but_resume(overrides: list[str]) -> list[str]:
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "calib.resume"]
+    def free(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return any(key == k or key.startswith(k + ".") for k in FREE_ON_RESUME)
+    return [o for o in overrides if not free(o)]
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
