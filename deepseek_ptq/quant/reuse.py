@@ -3,9 +3,9 @@
 modelopt's conversion of a 671B MoE block (1,552 quantizers: module replacement, then every rule matched
 against every quantizer name) is seconds of Python per layer, the same work for each of 58 layers. A streamed
 run converts the first block of a kind (dense, MoE) once and gives each later layer of that kind the same
-modules: renamed to the layer, refilled with its weights, every quantizer's statistics cleared, then
-calibrated by modelopt as a fresh conversion would be. tests/test_layerwise.py checks the amax, summaries and
-evaluation against the resident run bit for bit.
+modules: renamed to the layer, refilled with its weights, every quantizer's statistics cleared, then calibrated
+again (``recalibrate``). tests/test_layerwise.py checks the amax, summaries and evaluation against the resident
+run bit for bit.
 
 It is sound only when the rules cannot tell the two layers apart by name and the calibration left nothing in a
 quantizer but its statistics; ``why_not_reuse`` says when that is not so.
@@ -29,7 +29,7 @@ _CHARS_THAT_MAY_TELL_LAYERS_APART = set("0123456789?[")
 def why_not_reuse(block: LayerPiece, mtq_cfg: dict[str, Any], layer_id: int) -> str | None:
     """None when layer ``layer_id`` may take over ``block``'s converted and calibrated modules, else why not."""
     from modelopt.torch.quantization.config import normalize_quant_cfg_list
-    from modelopt.torch.quantization.conversion import _match_quantizer
+    from modelopt.torch.quantization.conversion import _match_quantizer  # modelopt's own rule matching (0.47)
     from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 
     if not block.can_become(layer_id):
@@ -66,7 +66,7 @@ def clear_statistics(block: nn.Module) -> None:
 
 
 def _plain_max(algorithm: Any) -> bool:
-    """The algorithm recipes.build_quant_config makes for max: no option that recalibrate_max leaves out."""
+    """The algorithm recipes.build_quant_config makes for max: no option that ``recalibrate`` leaves out."""
     return isinstance(algorithm, dict) and algorithm == {"method": "max", "distributed_sync": False}
 
 
