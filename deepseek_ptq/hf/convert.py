@@ -32,7 +32,8 @@ from deepseek_ptq.model.safetensors_file import open_safetensors
 
 log = logging.getLogger(__name__)
 _REDOWNLOAD = "download the file again: the Hugging Face checkpoint is incomplete or damaged"
-# Kimi-K2 ships tiktoken.model and its loader (tokenization_kimi.py, named by tokenizer_config.json) instead of tokenizer.json.
+# The files beside the weights that the converter and the export carry over. Kimi-K2 ships tiktoken.model and its
+# loader (tokenization_kimi.py, named by tokenizer_config.json) instead of tokenizer.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tiktoken.model", "tokenization_kimi.py")
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output, set_default_mode, write_json
+from deepseek_ptq.hf.convert import TOKENIZER_FILES
 from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
 from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, to_hf
 from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
@@ -53,8 +54,6 @@ from deepseek_ptq.quant.engine_constraints import shared_amax
 log = logging.getLogger(__name__)
 # modelopt warns on import that transformers is missing; this export does not use its transformers code.
 warnings.filterwarnings("ignore", message="Cannot find transformers package")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tiktoken.model", "tokenization_kimi.py")  # the last two: Kimi-K2's tokenizer
 _AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
 
 
