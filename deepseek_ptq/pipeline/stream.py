@@ -6,8 +6,8 @@ thread, while the previous layer computes), build and quantize it, run every cal
 become the next layer's inputs), run the fixup on it (every rank, every layer: the same collectives as the
 resident run's, one per layer), run the held-out batches through it twice (quantizers off and on), keep its
 amax and free it (or hand its converted modules to the next layer of its kind, quant/reuse.py: modelopt's
-conversion is seconds of Python per 671B layer). Max calibration of a layer needs only its weights and its inputs, so the amax are those of
-the resident run (tests/test_layerwise.py checks them bit for bit).
+conversion is seconds of Python per 671B layer). Max calibration of a layer needs only its weights and its
+inputs, so the amax are those of the resident run (tests/test_layerwise.py checks them bit for bit).
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
                 log.info("layer %d is converted afresh (and others may be): %s", i, why)
             kept = None
             gc.collect()  # modelopt's modules hold reference cycles: free the block before the next one is built
+        reused = kept is not None
         piece, read = source.layer(i, reuse=kept)
-        reused = piece is kept
         source.prefetch(i + 1)  # read while this layer computes
         _synchronize(device)
         load_s = time.perf_counter() - t0

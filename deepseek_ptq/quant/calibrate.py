@@ -215,8 +215,8 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
     the whole model, hidden states for one block (``piece``: one part of the model, which may rightly have no
     enabled weight quantizer). ``phases`` gets ``forward_s``, the seconds of the passes over the batches (the
     rest of the returned time is modelopt's conversion and bookkeeping). ``converted``: the model's quantizers
-    were converted and calibrated before (a block reused for the next layer, quant/reuse.py): their statistics
-    are cleared and modelopt calibrates them again, without converting.
+    were converted and calibrated before (a block reused for the next layer): ``quant.reuse.recalibrate`` clears
+    their statistics and calibrates them again, without converting.
     """
     import modelopt.torch.quantization as mtq
 
