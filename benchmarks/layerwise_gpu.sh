@@ -3,6 +3,8 @@
 #   run: PART=A bash benchmarks/layerwise_gpu.sh   GPU tests; resident vs streamed on 4 layers; 3 layers from the disk
 #   run: PART=B bash benchmarks/layerwise_gpu.sh   61 layers top-k; 4 layers' peak memory; all-experts on 6 layers
 #   run: PART=C bash benchmarks/layerwise_gpu.sh   the GPU test; 3 layers from the disk and drawn; top-k on 20 layers
+#   run: PART=D bash benchmarks/layerwise_gpu.sh   3 layers from the disk (reused pinned buffers); batch size and
+#                                                  hidden states on the host, top-k on 20 layers; all-experts on 6
 # (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels). Results: $OUT/steps.txt, $OUT/results.json.
 set -u
 OUT=${OUT:-layerwise_gpu}
@@ -11,8 +13,8 @@ mkdir -p "$OUT" "$RUNS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site
 step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; tail -4 "$OUT/$name.log"; }
+  timeout "$limit" "$@" > "$RUNS/$name.log" 2>&1; local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; tail -4 "$RUNS/$name.log"; }
 run() { local name=$1 limit=$2; shift 2
   step "$name" "$limit" python3 -m deepseek_ptq logger=none parallel.device=cuda data=synthetic \
     hydra.run.dir="$RUNS/$name" "$@"; }
@@ -25,14 +27,14 @@ if [ "${PART:-A}" = A ]; then
   run slice4_streamed_topk 120 $SLICE data.num_samples=64 calib=topk calib.layerwise=true
   run slice4_streamed_topk_host 120 $SLICE data.num_samples=64 calib=topk calib.layerwise=true calib.hidden_on_host=true
   step write_slice 100 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice3 --layers 3 --dense 1
-  cp "$OUT/write_slice.log" "$RUNS/write_slice.json"
+  cp "$RUNS/write_slice.log" "$RUNS/write_slice.json"
   THREE="$SLICE model.n_layers=3 model.n_dense_layers=1 data.num_samples=256 calib=topk calib.layerwise=true"
   run disk3_topk 120 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
   run drawn3_topk 120 $THREE calib.resume_every=0
 elif [ "$PART" = C ]; then
   step gpu_test 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layerwise.py
   step write_slice 100 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice3 --layers 3 --dense 1
-  cp "$OUT/write_slice.log" "$RUNS/write_slice.json"
+  cp "$RUNS/write_slice.log" "$RUNS/write_slice.json"
   THREE="$SLICE model.n_layers=3 model.n_dense_layers=1 data.num_samples=1024 calib=topk calib.layerwise=true"
   run disk3_topk 100 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
   cp "$RUNS/disk3_topk/stats/layers.csv" "$OUT/disk3_topk_layers.csv"
@@ -40,6 +42,23 @@ elif [ "$PART" = C ]; then
   run l20_topk 150 $SLICE model.n_layers=20 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
     calib.layerwise=true calib.resume_every=0
   cp "$RUNS/l20_topk/stats/layers.csv" "$OUT/l20_topk_layers.csv"
+elif [ "$PART" = D ]; then
+  step write_slice 100 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice3 --layers 3 --dense 1
+  cp "$RUNS/write_slice.log" "$RUNS/write_slice.json"
+  THREE="$SLICE model.n_layers=3 model.n_dense_layers=1 data.num_samples=1024 calib=topk calib.layerwise=true"
+  run disk3_topk 100 $THREE model.random_weights=false model.ckpt_dir=/tmp/slice3 calib.resume_every=0
+  cp "$RUNS/disk3_topk/stats/layers.csv" "$OUT/disk3_topk_layers.csv"
+  run drawn3_topk 60 $THREE calib.resume_every=0
+  L20="model=ds_v3_slice data.seq_len=512 model.n_layers=20 model.n_dense_layers=3 data.num_samples=1024 calib=topk
+    calib.layerwise=true calib.resume_every=0 calib.hidden_on_host=true"
+  run l20_topk_b16_host 110 $L20 data.batch_size=16
+  cp "$RUNS/l20_topk_b16_host/stats/layers.csv" "$OUT/l20_topk_b16_host_layers.csv"
+  run l20_topk_b32_host 110 $L20 data.batch_size=32
+  cp "$RUNS/l20_topk_b32_host/stats/layers.csv" "$OUT/l20_topk_b32_host_layers.csv"
+  run l6_all_experts_b16_host 110 model=ds_v3_slice data.seq_len=512 data.batch_size=16 model.n_layers=6 \
+    model.n_dense_layers=3 data.num_samples=1024 calib=all_experts calib.layerwise=true calib.resume_every=0 \
+    calib.hidden_on_host=true
+  cp "$RUNS/l6_all_experts_b16_host/stats/layers.csv" "$OUT/l6_all_experts_b16_host_layers.csv"
 else
   run full61_topk 330 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
     calib.layerwise=true calib.resume_every=0

@@ -29,6 +29,7 @@ from deepseek_ptq.model.checkpoint import ShardFile, expected_params
 from deepseek_ptq.model.load import RandomWeights
 from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.pieces import Ends, LayerPiece
+from deepseek_ptq.model.span_reader import SpanReader, layout_bytes
 from deepseek_ptq.model.synthetic import init_random_
 from deepseek_ptq.observe.evaluate import ScoreAccumulator, quantizers_disabled
 from deepseek_ptq.pipeline import resume
@@ -61,6 +62,14 @@ class LayerSource:
                 self._layer_keys.append(list(layer))
                 expected |= layer
             self.shard = ShardFile(ckpt, par.rank, par.world_size, expected)
+            self.reader = SpanReader(self.shard.path)
+            self._buffer_bytes = max((layout_bytes([self.reader.spans[k] for k in keys]) for keys in self._layer_keys),
+                                     default=0)
+        # Two read buffers, reused layer after layer: layer i+1 is read into one while layer i's weights are
+        # copied out of the other (pinned on a GPU, so those copies run without staging). A buffer is written
+        # again only after the device has finished copying out of it (its event).
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         self._pending: dict[int, Future] = {}
 
@@ -72,18 +81,21 @@ class LayerSource:
         with torch.device("meta"):
             return Ends(self.args, self.par)
 
-    def _read(self, keys: list[str]) -> tuple[dict[str, torch.Tensor], float]:
+    def _read(self, i: int) -> tuple[dict[str, torch.Tensor], float]:
         start = time.perf_counter()
-        assert self.shard is not None
-        tensors = self.shard.read(keys)
-        if self.device.type == "cuda":  # pinned: the copy to the device runs without staging
-            tensors = {k: t.pin_memory() for k, t in tensors.items()}
+        slot = i % 2
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        if self._buffers[slot] is None:
+            self._buffers[slot] = torch.empty(self._buffer_bytes, dtype=torch.uint8,
+                                              pin_memory=self.device.type == "cuda")
+        tensors = self.reader.read_into(self._layer_keys[i], self._buffers[slot])
         return tensors, time.perf_counter() - start
 
     def prefetch(self, i: int) -> None:
         """Start reading layer ``i`` (nothing to read for drawn weights)."""
         if self.shard is not None and i < self.args.n_layers and i not in self._pending:
-            self._pending[i] = self._pool.submit(self._read, self._layer_keys[i])
+            self._pending[i] = self._pool.submit(self._read, i)
 
     def ends(self) -> Ends:
         with torch.device(self.device):
@@ -105,6 +117,9 @@ class LayerSource:
             with torch.device(self.device):
                 piece = LayerPiece(self.args, i, self.par)
         self._fill(piece, tensors)
+        if tensors is not None and self.device.type == "cuda":
+            self._copied[i % 2] = torch.cuda.Event()
+            self._copied[i % 2].record()
         return piece.eval(), {"read_s": read_s, "read_wait_s": wait_s}
 
     def _fill(self, piece: torch.nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
@@ -117,6 +132,7 @@ class LayerSource:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.shard is not None:
+            self.reader.close()
             self.shard.close()
 
 
