@@ -130,6 +130,19 @@ def test_missing_tensor_fails_before_any_compute(tmp_path, cache_dir):
     print(f"failed in {time.perf_counter() - start:.1f} s")
 
 
+@pytest.mark.parametrize("key", ["layers.3.ffn.experts.6.w2.scale", "layers.3.ffn.shared_experts.w1.scale"])
+def test_non_finite_weight_of_a_reused_block_is_named(tmp_path, cache_dir, key):
+    # layer 3 reuses layer 2's block: its experts' finite check reads the stacked weights' max
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    state = load_file(str(PACKAGE_DIR / "tiny" / shard_name(0, 1)))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(ckpt / shard_name(0, 1)))
+    (ckpt / "config.json").write_text((PACKAGE_DIR / "tiny" / "config.json").read_text())
+    result = cli(tmp_path / "run", f"model.ckpt_dir={ckpt}", "calib.layerwise=true")
+    assert_failed(result, tmp_path / "run", "non-finite values", key.replace(".scale", ".weight"))
+
+
 def test_search_algorithms_are_refused_layer_by_layer(tmp_path, cache_dir):
     result = cli(tmp_path / "run", "quant=nvfp4_awq_lite", "calib.layerwise=true")
     assert_failed(result, tmp_path / "run", "awq_lite", "layer by layer")

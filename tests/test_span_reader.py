@@ -59,3 +59,20 @@ def test_a_file_truncated_after_opening_is_named(tmp_path):
             reader.read_into([last], torch.empty(layout_bytes([reader.spans[last]]), dtype=torch.uint8))
     finally:
         reader.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_registered_host_buffer_is_pinned_and_copies_asynchronously():
+    from deepseek_ptq.pipeline.stream import HostBuffer
+
+    buffer = HostBuffer(3 << 20, pinned=True)
+    try:
+        assert buffer.tensor.is_pinned() and buffer.tensor[7:1000].is_pinned()
+        buffer.tensor.copy_(torch.arange(3 << 20, dtype=torch.int64).to(torch.uint8))
+        on_device = buffer.tensor.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(on_device.cpu(), buffer.tensor)
+    finally:
+        buffer.free()
+    assert not buffer.pinned and buffer.tensor.numel() == 0

@@ -45,6 +45,27 @@ from deepseek_ptq.quant.reuse import why_not_reuse
 log = logging.getLogger(__name__)
 
 
+_PORTABLE = 1  # cudaHostRegisterPortable
+
+
+class HostBuffer:
+    """Bytes on the host; ``pinned``: page-locked with cudaHostRegister, at exactly this size (torch's pinned
+    allocator rounds up to a power of two: 16 GB for an 11.3 GB 671B MoE layer)."""
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.pinned = pinned and nbytes > 0
+        if self.pinned:
+            # portable: pinned for every device's context, whichever one the reading thread has current
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, _PORTABLE))
+
+    def free(self) -> None:
+        if self.pinned:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr()))
+            self.pinned = False
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+
+
 class LayerSource:
     """Where a piece's weights come from: this rank's shard (read ahead on a thread), or a seeded draw."""
 
@@ -63,12 +84,10 @@ class LayerSource:
                 expected |= layer
             self.shard = ShardFile(ckpt, par.rank, par.world_size, expected)
             self.reader = SpanReader(self.shard.path)
-            self._buffer_bytes = max((layout_bytes([self.reader.spans[k] for k in keys]) for keys in self._layer_keys),
-                                     default=0)
         # Two read buffers, reused layer after layer: layer i+1 is read into one while layer i's weights are
         # copied out of the other (pinned on a GPU, so those copies run without staging). A buffer is written
-        # again only after the device has finished copying out of it (its event).
-        self._buffers: list[torch.Tensor | None] = [None, None]
+        # again only after the device has finished copying out of it (its event), and grows to the largest layer.
+        self._buffers: list[HostBuffer | None] = [None, None]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         self._pending: dict[int, Future] = {}
@@ -83,13 +102,15 @@ class LayerSource:
 
     def _read(self, i: int) -> tuple[dict[str, torch.Tensor], float]:
         start = time.perf_counter()
-        slot = i % 2
+        slot, keys = i % 2, self._layer_keys[i]
         if self._copied[slot] is not None:
             self._copied[slot].synchronize()
-        if self._buffers[slot] is None:
-            self._buffers[slot] = torch.empty(self._buffer_bytes, dtype=torch.uint8,
-                                              pin_memory=self.device.type == "cuda")
-        tensors = self.reader.read_into(self._layer_keys[i], self._buffers[slot])
+        needed = layout_bytes([self.reader.spans[k] for k in keys])
+        if self._buffers[slot] is None or self._buffers[slot].tensor.numel() < needed:
+            if self._buffers[slot] is not None:
+                self._buffers[slot].free()
+            self._buffers[slot] = HostBuffer(needed, pinned=self.device.type == "cuda")
+        tensors = self.reader.read_into(keys, self._buffers[slot].tensor)
         return tensors, time.perf_counter() - start
 
     def prefetch(self, i: int) -> None:
@@ -132,6 +153,10 @@ class LayerSource:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.shard is not None:
+            _synchronize(self.device)  # no copy out of a buffer is still in flight
+            for buffer in self._buffers:
+                if buffer is not None:
+                    buffer.free()
             self.reader.close()
             self.shard.close()
 
@@ -166,19 +191,22 @@ def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, pa
         # summary, the amax state and the excluded modules list what the resident run lists.
         insert_quantizers(ends, mtq_cfg)
         record_ends = fixup_record(ends, par, cfg.calib.sync, device)
+        to_host = cfg.calib.hidden_on_host and device.type == "cuda"
         state = resume.load(run_dir, par.rank, par.world_size, digest, device) if cfg.calib.resume else None
         if state is None:
             if cfg.calib.resume:
                 log.warning("calib.resume=true but %s holds no resume state: starting from layer 0",
                             run_dir / resume.RESUME_DIR)
-            hidden = [ends(b.to(device)) for b in batches.calib]
             heldout = [ends(b.to(device)) for b in batches.heldout] if evaluate else []
+            # Each batch's embedding goes to the host as it is made: the whole set is never on the device.
+            hidden = [_on_host(h) if to_host else h for h in (ends(b.to(device)) for b in batches.calib)]
             state = resume.StreamState(0, amax_state(ends), [record_ends], {}, hidden, list(heldout), heldout)
+            del hidden, heldout  # the state holds them now, and replaces them layer by layer
         else:
             log.info("resuming at layer %d of %d from %s", state.next_layer, args.n_layers, run_dir / resume.RESUME_DIR)
-        if cfg.calib.hidden_on_host and device.type == "cuda":
-            state.hidden = [_on_host(h) for h in state.hidden]
-            _synchronize(device)
+            if to_host:
+                state.hidden = [_on_host(h) for h in state.hidden]
+        _synchronize(device)
         if device.type == "cuda":
             ends.cpu()  # the embedding and head (3.7 GB at 671B) wait on the host while the layers stream
         resumed_from = state.next_layer

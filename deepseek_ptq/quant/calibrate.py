@@ -25,6 +25,7 @@ from deepseek_ptq.quant.reuse import recalibrate
 
 if TYPE_CHECKING:
     from deepseek_ptq.quant.fast import FastOptions
+    from deepseek_ptq.quant.fast.expert_weights import ExpertWeights
 
 log = logging.getLogger(__name__)
 # modelopt imports its Hugging Face export code lazily and warns that transformers is missing: this
@@ -70,23 +71,28 @@ def quantizer_count_to_log() -> Iterator[None]:
 
 
 @torch.no_grad()
-def check_finite_weights(model: nn.Module) -> None:
+def check_finite_weights(model: nn.Module, stacked: dict[int, ExpertWeights] | None = None) -> None:
     """NaN or inf in a weight is named here, not found later as a NaN amax deep inside modelopt.
 
-    One flag per tensor, read back once (a host sync per tensor costs seconds at 671B scale)."""
+    One flag per tensor, read back once (a host sync per tensor costs seconds at 671B scale). ``stacked``:
+    experts dequantized already (quant/fast/expert_weights.py), whose max |w| tells."""
     names: list[str] = []
     finite: list[torch.Tensor] = []
+    done = {id(linear) for experts in (stacked or {}).values() for linear in experts.linears}
+    for experts in (stacked or {}).values():
+        names += [f"{n}.weight" for n in experts.names]
+        finite.append(torch.isfinite(experts.amax))
     for name, module in model.named_modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and id(module) not in done:
             names.append(f"{name}.weight")
-            finite.append(torch.isfinite(module.dequantized_weight()).all())
+            finite.append(torch.isfinite(module.dequantized_weight()).all().reshape(1))
         elif name.endswith(("norm", "gate", "embed")):
             for p, t in module.named_parameters(recurse=False):
                 names.append(f"{name}.{p}")
-                finite.append(torch.isfinite(t.float()).all())
+                finite.append(torch.isfinite(t.float()).all().reshape(1))
     if not finite:
         return
-    bad = [n for n, ok in zip(names, torch.stack(finite).tolist()) if not ok]
+    bad = [n for n, ok in zip(names, torch.cat(finite).tolist()) if not ok]
     if bad:
         raise UserError(f"non-finite values (NaN or inf) in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}",
                         fix="the checkpoint is corrupt: re-convert or re-download these tensors")
@@ -222,10 +228,15 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
 
     from deepseek_ptq.quant import modules
     from deepseek_ptq.quant.fast import fast_calibration, why_not
+    from deepseek_ptq.quant.fast.expert_weights import observe_stacked, stack_experts
     from deepseek_ptq.quant.recipes import algorithm_method
 
+    start = time.perf_counter()
     modules.register()
-    check_finite_weights(model)
+    # A reused block on the fast path: its experts are dequantized once, for the finite check, the weight
+    # pass and the grouped GEMMs (quant/fast/expert_weights.py).
+    stacked = stack_experts(model, fast_options) if converted and fast and why_not(model, algorithm_method(mtq_cfg)) is None else {}
+    check_finite_weights(model, stacked)
     if algorithm_method(mtq_cfg) != "max":
         log.info("algorithm %s reads weights directly: dequantizing FP8 weights in place", algorithm_method(mtq_cfg))
         materialize_dequantized_weights(model)
@@ -234,7 +245,7 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         if fast:
             reason = why_not(m, algorithm_method(mtq_cfg))
             if reason is None:
-                return fast_calibration(m, all_experts, fast_options)
+                return fast_calibration(m, all_experts, fast_options, stacked)
             log.info("plain calibration path: %s", reason)
         return plain_calibration(m, all_experts)
 
@@ -273,10 +284,9 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
             _stop_statistics(m)
             raise _non_finite_error(first_non_finite_module(m, bad_batch))
 
-    start = time.perf_counter()
     with _one_piece_of_the_model() if piece else contextlib.nullcontext(), quantizer_count_to_log():
         if converted:
-            recalibrate(model, mtq_cfg["algorithm"], forward_loop)
+            recalibrate(model, mtq_cfg["algorithm"], forward_loop, observe_weights=lambda: observe_stacked(stacked))
         else:
             mtq.quantize(model, mtq_cfg, forward_loop)
     if device.type == "cuda":

@@ -70,14 +70,18 @@ def _plain_max(algorithm: Any) -> bool:
     return isinstance(algorithm, dict) and algorithm == {"method": "max", "distributed_sync": False}
 
 
-def recalibrate(block: nn.Module, algorithm: Any, forward_loop: Callable[[nn.Module], None]) -> None:
+def recalibrate(block: nn.Module, algorithm: Any, forward_loop: Callable[[nn.Module], None],
+                observe_weights: Callable[[], set[int]] | None = None) -> None:
     """Calibrate a block whose quantizers modelopt converted and calibrated before (for another layer).
 
     For plain max this is modelopt's max_calibrate (model_calib.py) without the steps that cannot apply here:
     statistics on, each weight once through its quantizer, the batches, statistics loaded. Its other steps
     serve what why_not_reuse refuses (static block scales and their shared global amax), the distributed sync
     that this project does in the fixup, and wrappers this model has none of (FSDP, offloaded weights); they
-    cost over a second of module-tree walks per 671B layer. Any other algorithm goes through modelopt."""
+    cost over a second of module-tree walks per 671B layer. Any other algorithm goes through modelopt.
+
+    ``observe_weights``: called once statistics are on; gives their weights to some weight quantizers itself
+    (the stacked experts' max |w|) and returns the ids of the linears it served, which the weight pass skips."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.model_calib import enable_stats_collection, finish_stats_collection
 
@@ -89,7 +93,10 @@ def recalibrate(block: nn.Module, algorithm: Any, forward_loop: Callable[[nn.Mod
         return
     with torch.no_grad():
         enable_stats_collection(block)
+        served = observe_weights() if observe_weights is not None else set()
         for _, linear in quantized_linears(block):
+            if id(linear) in served:
+                continue
             for weight, quantizer in linear.iter_weights_for_calibration():
                 quantizer(weight)
         forward_loop(block)

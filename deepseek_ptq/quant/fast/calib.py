@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,13 @@ from deepseek_ptq.quant.fast.options import FastOptions
 from deepseek_ptq.quant.fast.running_max import RunningMax, merge_into_calibrators
 from deepseek_ptq.quant.modules import quantized_linears
 
+if TYPE_CHECKING:
+    from deepseek_ptq.quant.fast.expert_weights import ExpertWeights
+
 log = logging.getLogger(__name__)
 
 
-def _collects(q: TensorQuantizer) -> bool:
+def collects(q: TensorQuantizer) -> bool:
     return not q._disabled and q._if_calib and not q._dynamic
 
 
@@ -50,7 +54,7 @@ def _observes_only(q) -> str | None:
         return None
     if q._if_quant:
         return "a quantizer quantizes during calibration"
-    if _collects(q):
+    if collects(q):
         if not isinstance(q._calibrator, MaxCalibrator) or type(q._calibrator) is not MaxCalibrator:
             return f"calibrator {type(q._calibrator).__name__}"
         if q.bias_calibrator is not None:
@@ -58,7 +62,7 @@ def _observes_only(q) -> str | None:
     return None
 
 
-def _per_tensor(q: TensorQuantizer) -> bool:
+def per_tensor(q: TensorQuantizer) -> bool:
     blocks = q.block_sizes or {}
     return q.axis is None and (not blocks or blocks.get("type") == "dynamic")
 
@@ -73,12 +77,12 @@ def why_not(model: nn.Module, method: str) -> str | None:
             if reason is not None:
                 return f"{name}: {reason}"
         q = module.input_quantizer
-        if module.kind == "expert" and _collects(q) and not _per_tensor(q):
+        if module.kind == "expert" and collects(q) and not per_tensor(q):
             return f"{name}: expert input amax is not per tensor (axis={q.axis}, block_sizes={q.block_sizes})"
     return None
 
 
-def _free_bytes(device: torch.device, reserve: int) -> int:
+def free_bytes(device: torch.device, reserve: int) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] - reserve
     try:
@@ -104,11 +108,12 @@ class FastCalibration:
 
     Construct it through ``fast_calibration``, which also takes it off again."""
 
-    def __init__(self, model: nn.Module, all_experts: bool, options: FastOptions | None = None) -> None:
+    def __init__(self, model: nn.Module, all_experts: bool, options: FastOptions | None = None,
+                 stacked: dict[int, ExpertWeights] | None = None) -> None:
         options = options or FastOptions()
         self.model = model
         self.bindings = Bindings()
-        self.budget = _free_bytes(next(model.parameters()).device, options.reserve_bytes)
+        self.budget = free_bytes(next(model.parameters()).device, options.reserve_bytes)
         self._observe_weights_once()
         self.input_max: list[tuple[str, nn.Module, RunningMax]] = []
         linears = [(n, m) for n, m in quantized_linears(model) if m.kind != "expert"]
@@ -118,14 +123,19 @@ class FastCalibration:
                 weight = module.dequantized_weight()
             q = module.input_quantizer
             input_max = None
-            if not _collects(q) or _per_tensor(q):
+            if not collects(q) or per_tensor(q):
                 input_max = RunningMax(module.weight.device)
                 self.input_max.append((f"{name}.input_quantizer", module, input_max))
             self.bindings.bind(module, "forward", _calibration_forward(module, weight, input_max))
         self.moes: list[FastMoE] = []
+        stacked = stacked or {}
         for i, moe in model.moe_layers():
-            keep = options.keep_weights if options.keep_weights is not None else self._take(stacked_bytes(moe))
-            fast = FastMoE(moe, all_experts, keep_weights=keep, options=options, name=f"layers.{i}.ffn")
+            if i in stacked:  # dequantized already (quant/fast/expert_weights.py): kept, whatever the budget
+                keep = True
+            else:
+                keep = options.keep_weights if options.keep_weights is not None else self._take(stacked_bytes(moe))
+            fast = FastMoE(moe, all_experts, keep_weights=keep, options=options, name=f"layers.{i}.ffn",
+                           weights=(stacked[i].w13, stacked[i].w2) if i in stacked else None)
             self.bindings.bind(moe, "routed", fast)
             self.moes.append(fast)
         log.info("fast calibration path: %d MoE layers (%d keep dequantized experts), %d other linears",
@@ -142,7 +152,7 @@ class FastCalibration:
         """A weight quantizer that has not seen its weight yet sees it now, once (modelopt's pass usually did)."""
         for _, module in quantized_linears(self.model):
             q = module.weight_quantizer
-            if _collects(q) and q._calibrator.compute_amax() is None:
+            if collects(q) and q._calibrator.compute_amax() is None:
                 q(module.dequantized_weight())
 
     def flush(self) -> None:
@@ -165,13 +175,14 @@ class FastCalibration:
 
 
 @contextlib.contextmanager
-def fast_calibration(model: nn.Module, all_experts: bool,
-                     options: FastOptions | None = None) -> Iterator[FastCalibration]:
+def fast_calibration(model: nn.Module, all_experts: bool, options: FastOptions | None = None,
+                     stacked: dict[int, ExpertWeights] | None = None) -> Iterator[FastCalibration]:
     """The fast path on ``model`` for the block (check ``why_not`` first); the model is restored on leaving.
 
     ``all_experts``: every local expert's quantizers also see every token (the layer output stays top-k's).
-    Call ``flush()`` after the last batch, inside the block, to hand the statistics to modelopt."""
-    fc = FastCalibration(model, all_experts, options)
+    Call ``flush()`` after the last batch, inside the block, to hand the statistics to modelopt. ``stacked``:
+    MoE layers whose experts are dequantized already (quant/fast/expert_weights.py)."""
+    fc = FastCalibration(model, all_experts, options, stacked)
     try:
         yield fc
     finally:

@@ -227,12 +227,14 @@ def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> N
 class FastMoE:
     """The calibration version of one MoE layer's ``routed``, bound onto the instance while calibration runs."""
 
-    def __init__(self, moe: MoE, all_experts: bool, keep_weights: bool, options: FastOptions, name: str = "") -> None:
+    def __init__(self, moe: MoE, all_experts: bool, keep_weights: bool, options: FastOptions, name: str = "",
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``weights``: the stacked experts when the caller has them already (``stacked_expert_weights``)."""
         self.moe, self.all_experts, self.keep_weights, self.name = moe, all_experts, keep_weights, name
         self.grouped = options.grouped(moe.token_counts.is_cuda)
         self.combine = options.combine
         self.stats = ExpertStats.empty(moe.experts_end - moe.experts_start, moe.token_counts.device)
-        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = weights
         self.dtype: torch.dtype | None = None
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
