@@ -5,6 +5,8 @@
 #   run: PART=C bash benchmarks/layerwise_gpu.sh   the GPU test; 3 layers from the disk and drawn; top-k on 20 layers
 #   run: PART=D bash benchmarks/layerwise_gpu.sh   3 layers from the disk (reused pinned buffers); batch size and
 #                                                  hidden states on the host, top-k on 20 layers; all-experts on 6
+#   run: PART=E bash benchmarks/layerwise_gpu.sh   4 layers from the disk; 61 layers top-k and 6 all-experts, at
+#                                                  16 sequences a batch with the hidden states on the host
 # (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels). Results: $OUT/steps.txt, $OUT/results.json.
 set -u
 OUT=${OUT:-layerwise_gpu}
@@ -58,6 +60,19 @@ elif [ "$PART" = D ]; then
   run l6_all_experts_b16_host 110 model=ds_v3_slice data.seq_len=512 data.batch_size=16 model.n_layers=6 \
     model.n_dense_layers=3 data.num_samples=1024 calib=all_experts calib.layerwise=true calib.resume_every=0 \
     calib.hidden_on_host=true
+  cp "$RUNS/l6_all_experts_b16_host/stats/layers.csv" "$OUT/l6_all_experts_b16_host_layers.csv"
+elif [ "$PART" = E ]; then
+  B16="model=ds_v3_slice data.seq_len=512 data.batch_size=16 data.num_samples=1024 calib.layerwise=true
+    calib.resume_every=0 calib.hidden_on_host=true"
+  step write_slice 120 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice4 --layers 4 --dense 1
+  cp "$RUNS/write_slice.log" "$RUNS/write_slice.json"
+  run disk4_topk_b16_host 110 $B16 model.n_layers=4 model.n_dense_layers=1 calib=topk model.random_weights=false \
+    model.ckpt_dir=/tmp/slice4
+  cp "$RUNS/disk4_topk_b16_host/stats/layers.csv" "$OUT/disk4_topk_b16_host_layers.csv"
+  rm -rf /tmp/slice4
+  run full61_topk_b16_host 270 $B16 model.n_layers=61 model.n_dense_layers=3 calib=topk
+  cp "$RUNS/full61_topk_b16_host/stats/layers.csv" "$OUT/full61_topk_b16_host_layers.csv"
+  run l6_all_experts_b16_host 110 $B16 model.n_layers=6 model.n_dense_layers=3 calib=all_experts
   cp "$RUNS/l6_all_experts_b16_host/stats/layers.csv" "$OUT/l6_all_experts_b16_host_layers.csv"
 else
   run full61_topk 330 $SLICE model.n_layers=61 model.n_dense_layers=3 data.num_samples=1024 calib=topk \
