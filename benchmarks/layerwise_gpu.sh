@@ -64,6 +64,8 @@ elif [ "$PART" = D ]; then
 elif [ "$PART" = E ]; then
   B16="model=ds_v3_slice data.seq_len=512 data.batch_size=16 data.num_samples=1024 calib.layerwise=true
     calib.resume_every=0 calib.hidden_on_host=true"
+  step span_reader_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_span_reader.py
+  grep -q "4 passed" "$RUNS/span_reader_tests.log" || exit 1
   step write_slice 120 python3 -m deepseek_ptq.devtools.slice_checkpoint --out /tmp/slice4 --layers 4 --dense 1
   cp "$RUNS/write_slice.log" "$RUNS/write_slice.json"
   run disk4_topk_b16_host 110 $B16 model.n_layers=4 model.n_dense_layers=1 calib=topk model.random_weights=false \
