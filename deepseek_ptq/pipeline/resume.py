@@ -85,8 +85,10 @@ def save(run_dir: Path, rank: int, world_size: int, digest: str, state: StreamSt
         _path(run_dir, rank, world_size, old).unlink(missing_ok=True)
 
 
-def load(run_dir: Path, rank: int, world_size: int, digest: str, device: torch.device) -> StreamState | None:
-    """The latest state every rank holds (one collective at W > 1, entered by all); None: nothing to resume."""
+def load(run_dir: Path, rank: int, world_size: int, digest: str, device: torch.device,
+         hidden_on_host: bool = False) -> StreamState | None:
+    """The latest state every rank holds (one collective at W > 1, entered by all); None: nothing to resume.
+    ``hidden_on_host``: the calibration hidden states stay on the host (the caller pins them)."""
     layers = _saved_layers(run_dir, rank, world_size)
     common = set(layers)
     if world_size > 1:
@@ -100,7 +102,8 @@ def load(run_dir: Path, rank: int, world_size: int, digest: str, device: torch.d
         raise UserError(f"the resume state in {run_dir / RESUME_DIR} was written by a run with another config",
                         fix="resume with the same overrides as the stopped run, or drop calib.resume to start afresh")
     for key in ("hidden", "heldout_ref", "heldout_quant"):
-        payload[key] = [h.to(device) for h in payload[key]]
+        if not (key == "hidden" and hidden_on_host):
+            payload[key] = [h.to(device) for h in payload[key]]
     return StreamState(**payload)
 
 

@@ -192,7 +192,8 @@ def calibrate_streamed(cfg: Any, args: ModelArgs, ckpt: Path | RandomWeights, pa
         insert_quantizers(ends, mtq_cfg)
         record_ends = fixup_record(ends, par, cfg.calib.sync, device)
         to_host = cfg.calib.hidden_on_host and device.type == "cuda"
-        state = resume.load(run_dir, par.rank, par.world_size, digest, device) if cfg.calib.resume else None
+        state = (resume.load(run_dir, par.rank, par.world_size, digest, device, hidden_on_host=to_host)
+                 if cfg.calib.resume else None)
         if state is None:
             if cfg.calib.resume:
                 log.warning("calib.resume=true but %s holds no resume state: starting from layer 0",
