@@ -13,6 +13,9 @@ checkpoints, and the engines' loaders for modelopt checkpoints treat excluded mo
 ``--unquantized fp8`` keeps the released FP8 blocks (``weight_scale_inv``) instead, for loaders that take them.
 DeepSeek-V3.2's indexer is written in its stored form (wq_b, wk FP8 blocks; k_norm, weights_proj bf16) unless the
 run quantized it (``quant.indexer=fp8``); its modules are listed in ``exclude_modules`` when left unquantized.
+Linears a ``quant.overrides`` entry leaves in the stored FP8 blocks (``format: fp8_block``) are copied as stored
+(``weight`` and ``weight_scale_inv``) and declared ``FP8_BLOCK_SCALES``. Modules of several formats make
+``quant_algo: MIXED_PRECISION``, each quantized linear named in ``quantized_layers`` with its own algorithm.
 
 A quantized module without an amax, or with a negative amax or a zero, NaN or infinite scale, stops the export
 before anything is written (engines turn such checkpoints into NaN output); one whose weight amax is below the
@@ -41,7 +44,7 @@ from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output, set_default_mode, write_json
 from deepseek_ptq.hf.convert import TOKENIZER_FILES
-from deepseek_ptq.hf.formats import FP8, NVFP4, module_formats
+from deepseek_ptq.hf.formats import CALIBRATED, FP8, FP8_BLOCK, NVFP4, module_formats
 from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, to_hf
 from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
@@ -117,7 +120,7 @@ def _bad(scale: torch.Tensor) -> bool:
 
 def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -> dict[str, ModuleScales]:
     """Every quantized linear's scales, or one UserError listing every module that cannot be exported."""
-    quantized = {m for m, f in formats.items() if f}
+    quantized = {m for m, f in formats.items() if f in CALIBRATED}
     stray = sorted({_AMAX.match(k).group(1) for k in amax} & (set(formats) - quantized), key=natural_key)
     if stray:
         raise UserError(f"the run holds amax for linears its quant config leaves unquantized: {', '.join(stray[:5])}",
@@ -225,15 +228,12 @@ def hf_quant_config(run: Run, formats: dict[str, str | None], modules: list[str]
 
     used = sorted({f for f in formats.values() if f})
     quantization: dict[str, Any] = {}
-    if len(used) == 1:
-        quantization["quant_algo"] = used[0]
-        if used[0] == NVFP4:
-            quantization["group_size"] = 16
-    else:
+    if len(used) == 1 and used[0] in CALIBRATED:
+        quantization.update(_layer_algo(used[0]))
+    else:  # as modelopt's export writes several formats (quant_utils.process_layer_quant_config)
         quantization["quant_algo"] = "MIXED_PRECISION"
-        quantization["quantized_layers"] = {
-            hf_module(m): ({"quant_algo": NVFP4, "group_size": 16} if f == NVFP4 else {"quant_algo": FP8})
-            for m, f in sorted(formats.items(), key=lambda x: natural_key(x[0])) if f}
+        quantization["quantized_layers"] = {hf_module(m): _layer_algo(f)
+                                            for m, f in sorted(formats.items(), key=lambda x: natural_key(x[0])) if f}
     kv = choice(run.quant_cfg.get("kv_cache"))
     quantization["kv_cache_quant_algo"] = kv.upper() if kv else None
     # Routers and the V3.2 indexer's weights_proj stay high precision; engines must not build them as quantized layers.
@@ -244,6 +244,23 @@ def hf_quant_config(run: Run, formats: dict[str, str | None], modules: list[str]
             "quantization": quantization}
 
 
+def _layer_algo(fmt: str) -> dict[str, Any]:
+    """A quantized layer's entry: NVFP4 with its 16-element groups, FP8 per tensor, or DeepSeek's 128x128 FP8 blocks."""
+    return {NVFP4: {"quant_algo": NVFP4, "group_size": 16}, FP8: {"quant_algo": FP8},
+            FP8_BLOCK: {"quant_algo": FP8_BLOCK, "group_size": 128}}[fmt]
+
+
+def _inline_quant_config(quant: dict[str, Any]) -> dict[str, Any]:
+    """config.json's ``quantization_config``: modelopt's conversion of hf_quant_config.json. It has no
+    compressed-tensors group for FP8 blocks and warns about them: their format is in ``quantized_layers``, the
+    entries engines read (README, "Mixed precision")."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Unsupported quantization algorithm '{FP8_BLOCK}'")
+        return convert_hf_quant_config_format(quant)
+
+
 def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unquantized: str = "bf16",
                device: str = "auto", progress: bool = True) -> Path:
     """Write the Hugging Face checkpoint of ``run_dir`` to ``out``; returns ``out``.
@@ -251,9 +268,7 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
     ``device``: where weights are dequantized and packed (``auto``: CUDA when available). The bytes do not depend
     on it (CUDA and CPU exports of one run compared equal on an H200).
     """
-    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
-
-    from deepseek_ptq.quant.recipes import build_quant_config
+    from deepseek_ptq.quant.recipes import build_quant_config, stored_block_modules
 
     if unquantized not in ("fp8", "bf16"):
         raise UserError(f"--unquantized {unquantized!r} is not a choice", fix="use fp8 or bf16")
@@ -269,7 +284,13 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
         modules = sorted({k.rsplit(".", 1)[0] for k in keys}, key=natural_key)
         linears = [m for m in modules if is_linear(m)]
         mtq_cfg = build_quant_config(run.quant_cfg, on_cpu=False)
-        formats = module_formats(mtq_cfg, linears, run.quant_cfg.preset)
+        formats = module_formats(mtq_cfg, linears, run.quant_cfg.preset,
+                                 frozenset(stored_block_modules(run.quant_cfg, linears)))
+        unstored = [m for m, f in formats.items() if f == FP8_BLOCK and f"{m}.scale" not in reader]
+        if unstored:
+            raise UserError(f"{len(unstored)} linears are to keep their stored FP8 blocks (format: fp8_block), but "
+                            f"{run.ckpt_dir} stores them without block scales (first: {', '.join(unstored[:3])})",
+                            fix="calibrate with format: none for them, or use an FP8 checkpoint")
         plan = plan_scales(formats, amax)  # refuses before anything is written
         with atomic_output_dir(out) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes)
@@ -279,8 +300,9 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
             out_of_range: list[tuple[str, str]] = []  # known only once each weight is read
             for module in tqdm(modules, desc="export", unit="module", disable=not progress):
                 if module in formats:
-                    # An unquantized indexer linear keeps its stored form (FP8 blocks in DeepSeek's release).
-                    stored = "fp8" if is_indexer(module) else unquantized
+                    # An unquantized indexer linear keeps its stored form (FP8 blocks in DeepSeek's release), and
+                    # so does every linear the run left in its FP8 blocks on purpose.
+                    stored = "fp8" if is_indexer(module) or formats[module] == FP8_BLOCK else unquantized
                     try:
                         tensors = _linear_tensors(module, reader, plan.get(module), stored, compute)
                     except _WeightOutOfRange as err:
@@ -297,7 +319,7 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
             quant = hf_quant_config(run, formats, modules)
             write_json(tmp / "hf_quant_config.json", quant)
             write_json(tmp / "config.json", {**hf_config(run.args),
-                                                    "quantization_config": convert_hf_quant_config_format(quant)})
+                                                    "quantization_config": _inline_quant_config(quant)})
             for name in TOKENIZER_FILES:
                 if (run.ckpt_dir / name).exists():
                     shutil.copyfile(run.ckpt_dir / name, tmp / name)  # the umask's mode, not the source's

@@ -3,7 +3,9 @@
 The modelopt config that calibration used (``quant.recipes.build_quant_config``) is replayed with modelopt's
 own rules: entries in order, the last one matching a quantizer's name wins, an entry with ``cfg`` replaces
 the attributes, one with only ``enable`` toggles. Only the formats serving engines load from a modelopt
-NVFP4/FP8 checkpoint are exported; anything else is refused before any file is written.
+NVFP4/FP8 checkpoint are exported; anything else is refused before any file is written. A linear the run left
+unquantized on purpose in the checkpoint's stored FP8 blocks (``quant.overrides`` format ``fp8_block``) is
+``FP8_BLOCK_SCALES``, TensorRT-LLM's name for DeepSeek's own FP8 format.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from deepseek_ptq.errors import UserError
 
 NVFP4 = "NVFP4"
 FP8 = "FP8"
+FP8_BLOCK = "FP8_BLOCK_SCALES"
+CALIBRATED = (NVFP4, FP8)  # the formats whose scales come from the run's amax (FP8_BLOCK keeps the stored ones)
 
 
 @dataclass
@@ -56,8 +60,10 @@ def _replay(entries: list[Any], quantizer: str) -> _QuantizerState:
     return state
 
 
-def module_formats(mtq_cfg: dict[str, Any], modules: list[str], preset: str) -> dict[str, str | None]:
-    """Each linear's export format (None: left unquantized), refusing formats that have no export here."""
+def module_formats(mtq_cfg: dict[str, Any], modules: list[str], preset: str,
+                   stored_blocks: frozenset[str] = frozenset()) -> dict[str, str | None]:
+    """Each linear's export format (None: left unquantized), refusing formats that have no export here.
+    ``stored_blocks``: the linears left in the checkpoint's FP8 blocks (their quantizers are off)."""
     from modelopt.torch.quantization.conversion import normalize_quant_cfg_list
 
     entries = normalize_quant_cfg_list(mtq_cfg["quant_cfg"])
@@ -67,7 +73,7 @@ def module_formats(mtq_cfg: dict[str, Any], modules: list[str], preset: str) -> 
         weight = _replay(entries, f"{module}.weight_quantizer")
         act = _replay(entries, f"{module}.input_quantizer")
         if not weight.enabled and not act.enabled:
-            formats[module] = None
+            formats[module] = FP8_BLOCK if module in stored_blocks else None
             continue
         fmt = _format_of(weight.cfg) if weight.enabled else None
         if fmt is None or not act.enabled or _format_of(act.cfg) != fmt:

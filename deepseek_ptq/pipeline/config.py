@@ -36,6 +36,15 @@ class IndexerQuant(str, Enum):
     fp8 = "fp8"
 
 
+class OverrideFormat(str, Enum):
+    """What a ``quant.overrides`` entry makes of the linears it matches (README, "Per-module overrides")."""
+
+    nvfp4 = "nvfp4"  # NVFP4 weights and activations (16-element blocks, e4m3 block scales, static global scales)
+    fp8 = "fp8"  # FP8 e4m3 per-tensor weights and activations (W8A8, static scales)
+    fp8_block = "fp8_block"  # not quantized by the run: the checkpoint's stored FP8 128x128 blocks, exported as stored
+    none = "none"  # not quantized: exported as every unquantized linear (the export's --unquantized)
+
+
 class KVCacheFormat(str, Enum):
     fp8 = "fp8"
     nvfp4 = "nvfp4"
@@ -93,6 +102,14 @@ ModelConfig = dataclasses.make_dataclass("ModelConfig", _optional_model_arg_fiel
 
 
 @dataclass
+class QuantOverride:
+    # fnmatch pattern over the model's linears in DeepSeek's names (layers.3.ffn.experts.5.w1, layers.0.attn.wo);
+    # it must match one at least; head, router, embedding and the V3.2 indexer are never reached
+    pattern: str = MISSING
+    format: OverrideFormat = MISSING
+
+
+@dataclass
 class QuantConfig:
     name: str = MISSING
     preset: str = MISSING  # a modelopt *_CFG name
@@ -102,6 +119,8 @@ class QuantConfig:
     indexer: IndexerQuant | None = None
     kv_cache: KVCacheFormat | None = None  # recorded in hf_quant_config.json for the serving engine
     algorithm: str | None = None  # None: the preset's own (max, awq_lite, ...)
+    # Per-module formats, applied after every other rule of the group, in order: the last matching entry wins
+    overrides: list[QuantOverride] = field(default_factory=list)
 
 
 @dataclass

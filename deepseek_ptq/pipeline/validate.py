@@ -14,6 +14,7 @@ from deepseek_ptq.model.args import ModelArgs, refuse_compressed_weights
 from deepseek_ptq.model.load import check_source, resolve_args
 from deepseek_ptq.pipeline.config import check_known_keys, eval_enabled
 from deepseek_ptq.pipeline.data import check_data
+from deepseek_ptq.quant.recipes import check_overrides, load_preset
 
 
 def validate(cfg: Any) -> ModelArgs:
@@ -26,9 +27,8 @@ def validate(cfg: Any) -> ModelArgs:
     check_source(cfg.model, args, world_size)
     check_data(cfg.data, args.vocab_size, cfg.model.ckpt_dir, args.max_seq_len)
     _check_eval(cfg)
-    from deepseek_ptq.quant.recipes import load_preset  # imports modelopt (seconds): last, once the rest holds
-
-    load_preset(cfg.quant.preset)
+    check_overrides(cfg.quant, args)
+    load_preset(cfg.quant.preset)  # imports modelopt (seconds): last, once the rest holds
     return args
 
 
