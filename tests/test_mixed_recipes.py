@@ -101,6 +101,14 @@ def test_option_calibrates_evaluates_and_exports(runs, exported, option):
     assert inline["quantized_layers"] == quant["quantized_layers"] and inline["ignore"] == quant["exclude_modules"]
 
 
+def test_run_directory_says_which_formats_are_mixed(runs):
+    record = json.loads((runs("nvfp4_routed_fp8_shared") / "hf_quant_config.json").read_text())["quantization"]
+    assert record["quant_algo"] == "MIXED_PRECISION" and record["base_quant_algo"] == "NVFP4"
+    assert record["overrides"] == [{"pattern": "*.ffn.shared_experts.*", "format": "fp8"}]
+    plain = json.loads((runs("nvfp4_experts") / "hf_quant_config.json").read_text())["quantization"]
+    assert plain["quant_algo"] == "NVFP4" and "overrides" not in plain
+
+
 @pytest.mark.parametrize("option", OPTIONS)
 def test_export_formats_match_the_runs_quantizers(runs, exported, option):
     run_dir = runs(option)
