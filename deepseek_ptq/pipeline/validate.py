@@ -26,8 +26,9 @@ def validate(cfg: Any) -> ModelArgs:
     check_source(cfg.model, args, world_size)
     check_data(cfg.data, args.vocab_size, cfg.model.ckpt_dir, args.max_seq_len)
     _check_eval(cfg)
-    from deepseek_ptq.quant.recipes import load_preset  # imports modelopt (seconds): last, once the rest holds
+    from deepseek_ptq.quant.recipes import check_kv_cache, load_preset  # imports modelopt (seconds): last
 
+    check_kv_cache(cfg.quant)
     load_preset(cfg.quant.preset)
     return args
 
