@@ -105,7 +105,9 @@ def test_run_directory_says_which_formats_are_mixed(runs):
     record = json.loads((runs("nvfp4_routed_fp8_shared") / "hf_quant_config.json").read_text())["quantization"]
     assert record["quant_algo"] == "MIXED_PRECISION" and record["base_quant_algo"] == "NVFP4"
     assert record["overrides"] == [{"pattern": "*.ffn.shared_experts.*", "format": "fp8"}]
-    plain = json.loads((runs("nvfp4_experts") / "hf_quant_config.json").read_text())["quantization"]
+    experts = json.loads((runs("nvfp4_experts") / "hf_quant_config.json").read_text())["quantization"]
+    assert experts["quant_algo"] == "MIXED_PRECISION" and [o["format"] for o in experts["overrides"]] == ["fp8_block", "nvfp4"]
+    plain = json.loads((runs("nvfp4") / "hf_quant_config.json").read_text())["quantization"]
     assert plain["quant_algo"] == "NVFP4" and "overrides" not in plain
 
 

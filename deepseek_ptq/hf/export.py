@@ -16,6 +16,9 @@ run quantized it (``quant.indexer=fp8``); its modules are listed in ``exclude_mo
 Linears a ``quant.overrides`` entry leaves in the stored FP8 blocks (``format: fp8_block``) are copied as stored
 (``weight`` and ``weight_scale_inv``) and declared ``FP8_BLOCK_SCALES``. Modules of several formats make
 ``quant_algo: MIXED_PRECISION``, each quantized linear named in ``quantized_layers`` with its own algorithm.
+A run with ``quant.kv_cache=fp8`` writes each layer's MLA KV-cache scale, the max of its latent and rotary-key amax
+(the run shared it, quant/engine_constraints.py) over 448, float32 [], as ``self_attn.k_proj.k_scale`` and
+``self_attn.v_proj.v_scale`` (hf/names.py, ``kv_cache_scale_names``).
 
 A quantized module without an amax, or with a negative amax or a zero, NaN or infinite scale, stops the export
 before anything is written (engines turn such checkpoints into NaN output); one whose weight amax is below the
@@ -45,7 +48,7 @@ from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output, set_default_mode, write_json
 from deepseek_ptq.hf.convert import TOKENIZER_FILES
 from deepseek_ptq.hf.formats import CALIBRATED, FP8, FP8_BLOCK, NVFP4, module_formats
-from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, to_hf
+from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, kv_cache_scale_names, to_hf
 from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
 from deepseek_ptq.model.args import ModelArgs
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 # modelopt warns on import that transformers is missing; this export does not use its transformers code.
 warnings.filterwarnings("ignore", message="Cannot find transformers package")
 _AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
+_KV_AMAX = re.compile(r"^layers\.(\d+)\.attn\.(kv|pe)_bmm_quantizer\._amax$")  # quant/modules.py, QuantMLA
 
 
 @dataclass
@@ -103,7 +107,7 @@ def read_run(run_dir: Path) -> Run:
 def merge_amax(run_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
     """All ranks' amax in one dict: max over the ranks that hold a key (tensor-parallel shards agree after the fixup)."""
     merged = rundir.read_amax(run_dir, world_size)
-    others = sorted(k for k in merged if not _AMAX.match(k))
+    others = sorted(k for k in merged if not _AMAX.match(k) and not _KV_AMAX.match(k))
     if others:
         raise UserError(f"the run holds quantizer state this export does not write: {', '.join(others[:3])}",
                         fix="export runs made with quant=nvfp4 or quant=fp8 (no AWQ pre-quant scales)")
@@ -121,7 +125,7 @@ def _bad(scale: torch.Tensor) -> bool:
 def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -> dict[str, ModuleScales]:
     """Every quantized linear's scales, or one UserError listing every module that cannot be exported."""
     quantized = {m for m, f in formats.items() if f in CALIBRATED}
-    stray = sorted({_AMAX.match(k).group(1) for k in amax} & (set(formats) - quantized), key=natural_key)
+    stray = sorted({m.group(1) for k in amax if (m := _AMAX.match(k))} & (set(formats) - quantized), key=natural_key)
     if stray:
         raise UserError(f"the run holds amax for linears its quant config leaves unquantized: {', '.join(stray[:5])}",
                         fix="export the run with the config it was calibrated with (its .hydra/config.yaml)")
@@ -149,6 +153,38 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
     if problems:
         raise _refusal(problems)
     return plan
+
+
+def kv_cache_scales(quant_cfg: Any, amax: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """The FP8 KV-cache scale of every layer under the names engines read, or {} for a run without one; one
+    UserError for every layer that cannot be exported."""
+    from deepseek_ptq.quant.recipes import check_kv_cache
+
+    layers = sorted({int(m.group(1)) for k in amax if (m := _KV_AMAX.match(k))})
+    if check_kv_cache(quant_cfg) is None:
+        if layers:
+            raise UserError(f"the run holds KV-cache amax (layers {layers[:5]}) but its quant.kv_cache is unset",
+                            fix="export the run with the config it was calibrated with (its .hydra/config.yaml)")
+        return {}
+    problems: list[tuple[str, str]] = []
+    scales: dict[str, torch.Tensor] = {}
+    for layer in range(n_layers):
+        found = [amax.get(f"layers.{layer}.attn.{q}_bmm_quantizer._amax") for q in ("kv", "pe")]
+        module = f"layers.{layer}.attn"
+        if any(a is None for a in found):
+            problems.append((module, "no KV-cache amax (a run made before quant.kv_cache=fp8 was calibrated)"))
+            continue
+        shared = torch.maximum(*(a.float().amax() for a in found))  # one scale for the latent and the rotary key
+        scale = fp8_scale(shared)
+        if float(shared) < 0 or _bad(scale):
+            problems.append((module, f"KV-cache scale {float(scale)} from amax {float(shared)}"))
+            continue
+        for name in kv_cache_scale_names(layer):
+            scales[name] = scale.clone()
+    if problems:
+        raise _refusal(problems, why="their KV cache has no usable FP8 scale",
+                       fix="recalibrate with quant.kv_cache=fp8 (the run calibrates the cache), or unset it")
+    return scales
 
 
 def _engine_shared(amax: dict[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
@@ -292,6 +328,7 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
                             f"{run.ckpt_dir} stores them without block scales (first: {', '.join(unstored[:3])})",
                             fix="calibrate with format: none for them, or use an FP8 checkpoint")
         plan = plan_scales(formats, amax)  # refuses before anything is written
+        kv_scales = kv_cache_scales(run.quant_cfg, amax, run.args.n_layers)
         with atomic_output_dir(out) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes)
             by_module: dict[str, list[str]] = {}
@@ -312,6 +349,8 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
                     tensors = {to_hf(k): reader.get(k) for k in by_module[module]}
                 for name, tensor in tensors.items():
                     writer.add(name, tensor)
+            for name, tensor in kv_scales.items():
+                writer.add(name, tensor)
             if out_of_range:  # the temporary folder goes with the error: nothing is left behind
                 raise _refusal(out_of_range, why="their calibrated scales cannot represent their weights",
                                fix="export a run calibrated on this checkpoint, with its amax dicts as it wrote them")

@@ -88,6 +88,15 @@ def from_hf(hf_key: str) -> str | None:
     return f"{ds_module}.{param if k_norm_bias else _PARAMS_BACK.get(param, param)}"
 
 
+def kv_cache_scale_names(layer: int) -> tuple[str, str]:
+    """Where an FP8 MLA KV-cache scale goes, as modelopt's Hugging Face export names it (``k_bmm_quantizer`` ->
+    ``self_attn.k_proj.k_scale``, ``v_bmm_quantizer`` -> ``self_attn.v_proj.v_scale``) and NVIDIA's NVFP4
+    DeepSeek checkpoints ship it: vLLM's ``maybe_remap_kv_scale_name`` maps the pair to the MLA attention's
+    ``k_scale``/``v_scale``, SGLang's DeepSeek loader to ``self_attn.attn_mqa.k_scale``/``v_scale`` (README,
+    "The FP8 KV cache")."""
+    return (f"model.layers.{layer}.self_attn.k_proj.k_scale", f"model.layers.{layer}.self_attn.v_proj.v_scale")
+
+
 def hf_layer_index(hf_key: str) -> int | None:
     """The decoder layer a Hugging Face key belongs to (None for embedding, final norm, head)."""
     match = _LAYER.match(hf_key)

@@ -4,6 +4,10 @@ Calibration runs whole sequences at once, so there is no KV cache: keys and valu
 head (DeepSeek's "naive" form), which also sends every projection through its own Linear so that each
 one can be calibrated. DeepSeek-V3.2 adds the lightning indexer (model/indexer.py): each query then attends
 to the top ``index_topk`` of its causal keys, passed to SDPA as a boolean mask.
+
+What serving engines cache for each token is ``cache_entries``' pair, the normalized kv latent (``kv_lora_rank``
+wide) and the rotary key (``qk_rope_head_dim``): an identity here, the FP8 KV cache's fake quantization once
+modelopt converts the module (quant.modules.QuantMLA), so that every key and value attention reads comes from it.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(args)
         self.indexer = Indexer(args, par, fp8) if args.has_indexer else None
 
+    def cache_entries(self, kv_latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token's KV-cache entry as attention reads it back: the normalized latent and the rotary key."""
+        return kv_latent, k_pe
+
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
@@ -89,8 +97,8 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rotary_emb(q_pe, freqs_cis)], dim=-1)
         kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)
-        kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, self.n_local_heads, a.qk_nope_head_dim + a.v_head_dim)
+        kv_latent, k_pe = self.cache_entries(self.kv_norm(kv), apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis))
+        kv = self.wkv_b(kv_latent).view(bsz, seqlen, self.n_local_heads, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)], dim=-1)
         # V3.2: the indexer's top keys of each query (a subset of its causal keys), the same for every head.

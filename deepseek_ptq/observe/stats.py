@@ -1,7 +1,7 @@
 """Statistics of one calibration, computed on rank 0 from every rank's share.
 
-Per quantizer: amax before and after the fixup and why it changed (calibrated, peer_max, tp_max,
-weight_fill). Per MoE layer and expert: routed tokens. Per expert linear: how much the peer-max sync
+Per quantizer: amax before and after the fixup and why it changed (calibrated, peer_max, tp_max, rank_max,
+weight_fill, fused_max). Per MoE layer and expert: routed tokens. Per expert linear: how much the peer-max sync
 raised its input amax (synced / own), the figure that decides between calibration modes.
 """
 
@@ -19,6 +19,8 @@ from deepseek_ptq.common import natural_key
 
 _QUANTIZER = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<block>attn|ffn)\.(?P<rest>.+)\.(?P<role>\w+)_quantizer$")
 _EXPERT = re.compile(r"^experts\.(?P<expert>\d+)\.(?P<linear>\w+)$")
+# The MLA KV cache's quantizers (quant/modules.py, QuantMLA): kind attn.kv_cache, role kv_bmm (latent) or pe_bmm.
+_KV_CACHE = re.compile(r"^layers\.(?P<layer>\d+)\.attn\.(?P<role>kv_bmm|pe_bmm)_quantizer$")
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,14 @@ class QuantizerPath:
     """What a quantizer's module path says: ``layers.3.ffn.experts.17.w2.input_quantizer``."""
 
     layer: int | None
-    kind: str  # expert.w2, shared.w1, dense.w3, attn.wq_b, or the module path outside the layers
+    kind: str  # expert.w2, shared.w1, dense.w3, attn.wq_b, attn.kv_cache, or the module path outside the layers
     expert: int | None
-    role: str  # input, weight, output
+    role: str  # input, weight, output; kv_bmm, pe_bmm (the KV cache's latent and rotary key)
 
     @classmethod
     def parse(cls, name: str) -> QuantizerPath:
+        if kv := _KV_CACHE.match(name):
+            return cls(int(kv["layer"]), "attn.kv_cache", None, kv["role"])
         m = _QUANTIZER.match(name)
         if m is None:
             module, _, role = name.rpartition(".")
@@ -53,7 +57,7 @@ class AmaxRow:
     path: QuantizerPath
     before: float | None  # after calibration, before the fixup
     after: float | None
-    source: str  # calibrated, peer_max, tp_max, weight_fill, missing, disabled
+    source: str  # calibrated, peer_max, tp_max, rank_max, weight_fill, fused_max, missing, disabled
 
 
 @dataclass

@@ -14,7 +14,7 @@ from deepseek_ptq.model.args import ModelArgs, refuse_compressed_weights
 from deepseek_ptq.model.load import check_source, resolve_args
 from deepseek_ptq.pipeline.config import check_known_keys, eval_enabled
 from deepseek_ptq.pipeline.data import check_data
-from deepseek_ptq.quant.recipes import check_overrides, load_preset
+from deepseek_ptq.quant.recipes import check_kv_cache, check_overrides, load_preset
 
 
 def validate(cfg: Any) -> ModelArgs:
@@ -28,6 +28,7 @@ def validate(cfg: Any) -> ModelArgs:
     check_data(cfg.data, args.vocab_size, cfg.model.ckpt_dir, args.max_seq_len)
     _check_eval(cfg)
     check_overrides(cfg.quant, args)
+    check_kv_cache(cfg.quant)
     load_preset(cfg.quant.preset)  # imports modelopt (seconds): last, once the rest holds
     return args
 

@@ -4,7 +4,9 @@ Engines run some pairs of linears as one GEMM over their concatenated weights, w
 and one input scale for the pair (README, "Engine constraints"): gate/up (w1/w3) of every routed expert, shared
 expert and dense MLP, and the attention's input projections wq_a/wkv_a (``fused_qkv_a_proj``). Given two scales,
 vLLM and SGLang keep the max or the first one, TensorRT-LLM refuses or requantizes; so each pair gets the max of
-its two amax here, in the run, and what the run evaluates is what an engine computes.
+its two amax here, in the run, and what the run evaluates is what an engine computes. The same holds for the MLA
+KV cache: engines store each token's latent and rotary key as one FP8 row with one scale (vLLM's
+``concat_and_cache_mla`` scales both by ``k_scale``), so ``kv_bmm_quantizer`` and ``pe_bmm_quantizer`` share their max.
 
 Only modules of one layer are tied: after the fixup (tensor-parallel shards and peer-max inputs already agree
 across ranks) the rule is local to each rank and each layer, so the resident run and the layer-streamed run
@@ -17,7 +19,7 @@ import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 
 from deepseek_ptq.quant.fixup import _set_amax, is_scalar_amax
-from deepseek_ptq.quant.modules import quantized_linears
+from deepseek_ptq.quant.modules import QuantMLA, _QuantLinearMixin, kv_cache_quantizers
 
 # The amax.csv source of a value raised to its fused partner's.
 FUSED_MAX = "fused_max"
@@ -49,17 +51,29 @@ def _tied(q: TensorQuantizer) -> bool:
 
 @torch.no_grad()
 def apply_engine_constraints(model: torch.nn.Module) -> dict[str, str]:
-    """Each fused pair's weight amax and input amax set to the max of the two (see the module docstring).
+    """Each fused pair's weight amax and input amax, and each attention's two KV-cache amax, set to the max of the
+    two (see the module docstring).
 
     Returns quantizer path -> ``fused_max`` for every amax that was raised (one host read for all of them).
     """
-    linears = dict(quantized_linears(model))
+    linears: dict[str, torch.nn.Module] = {}
+    attentions: list[tuple[str, QuantMLA]] = []
+    for name, module in model.named_modules():  # one walk for both
+        if isinstance(module, _QuantLinearMixin):
+            linears[name] = module
+        elif isinstance(module, QuantMLA):
+            attentions.append((name, module))
     pairs: list[tuple[str, TensorQuantizer, str, TensorQuantizer]] = []
     for a, b in fused_pairs(list(linears)):
         for role in ROLES:
             qa, qb = linears[a]._modules[f"{role}_quantizer"], linears[b]._modules[f"{role}_quantizer"]
             if _tied(qa) and _tied(qb):
                 pairs.append((f"{a}.{role}_quantizer", qa, f"{b}.{role}_quantizer", qb))
+    for name, attn in attentions:
+        cache = kv_cache_quantizers(attn)
+        if len(cache) == 2 and all(_tied(q) for _, q in cache):
+            (ka, qa), (kb, qb) = cache
+            pairs.append((f"{name}.{ka}", qa, f"{name}.{kb}", qb))
     if not pairs:
         return {}
     first = torch.stack([qa._amax.float().reshape(()) for _, qa, _, _ in pairs])

@@ -4,6 +4,7 @@
 2. One all-reduce(MAX) of a single vector whose layout comes from the model's structure alone (never from
    what a rank happens to hold, so no rank can skip it or disagree on its size) carrying:
    - the per-tensor amax of every tensor-parallel shard, so all shards of a layer share one amax;
+   - the KV cache's amax (replicated attention: every rank computes the same latent, and must hold the same scale);
    - with ``sync``, each MoE layer's max input amax over its local experts for w1, w2 and w3.
    A rank with nothing for a slot contributes -1 (amax is never negative); a slot that stays -1 was
    calibrated by no rank and is left without amax, and reported.
@@ -28,7 +29,7 @@ from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Parallel
-from deepseek_ptq.quant.modules import _QuantLinearMixin, quantized_linears
+from deepseek_ptq.quant.modules import QuantMLA, _QuantLinearMixin, kv_cache_quantizers
 
 EXPERT_LINEARS = ("w1", "w2", "w3")
 _NONE = -1.0
@@ -42,7 +43,7 @@ class FixupReport:
     layers_without_expert_input_amax: list[str] = field(default_factory=list)
     collectives: int = 0
     seconds: float = 0.0
-    # quantizer path -> how the fixup set its amax: weight_fill, tp_max or peer_max
+    # quantizer path -> how the fixup set its amax: weight_fill, tp_max, rank_max or peer_max
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -70,13 +71,18 @@ def amax_from_weight(q: TensorQuantizer, module: torch.nn.Module) -> None:
     q.disable_calib()
 
 
-def _walk(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], list[tuple[str, MoE]]]:
-    """(name, module) of every quantized linear outside the routed experts, and of every MoE layer.
+_Walk = tuple[list[tuple[str, torch.nn.Module]], list[tuple[str, MoE]], list[tuple[str, QuantMLA]]]
+
+
+def _walk(model: torch.nn.Module) -> _Walk:
+    """(name, module) of every quantized linear outside the routed experts, of every MoE layer and of every
+    converted attention (its KV cache's quantizers).
 
     Names are ``named_modules``'s; the routed experts (nearly all modules at 671B scale) are read per layer.
     """
     linears: list[tuple[str, torch.nn.Module]] = []
     moes: list[tuple[str, MoE]] = []
+    attentions: list[tuple[str, QuantMLA]] = []
     seen: set[int] = set()
     stack: list[tuple[str, torch.nn.Module]] = [("", model)]
     while stack:
@@ -89,11 +95,13 @@ def _walk(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], li
             continue  # its children are its quantizers, read directly below
         prefix = name + "." if name else ""
         children = module._modules.items()
+        if isinstance(module, QuantMLA):
+            attentions.append((name, module))
         if isinstance(module, MoE):
             moes.append((name, module))
             children = [(k, c) for k, c in children if k != "experts"]
         stack.extend(reversed([(prefix + key, child) for key, child in children if child is not None]))
-    return linears, moes
+    return linears, moes, attentions
 
 
 def _leaves(name: str, q: torch.nn.Module) -> list[tuple[str, TensorQuantizer]]:
@@ -143,7 +151,7 @@ def fixup(model: torch.nn.Module, par: Parallel, sync_experts: bool, device: tor
     """Steps 1-3 of the module docstring on this rank's shard; every rank must call it (one collective at W > 1)."""
     start = time.perf_counter()
     report = FixupReport()
-    linears, moes = _walk(model)
+    linears, moes, attentions = _walk(model)
 
     # 1. Weight amax still missing: from the dequantized weight (every linear; routed experts per layer).
     for name, module in linears:
@@ -161,12 +169,18 @@ def fixup(model: torch.nn.Module, par: Parallel, sync_experts: bool, device: tor
     report.filled_weight_amax = len(report.sources)
 
     tp: list[tuple[str, TensorQuantizer]] = []
+    replicated: list[tuple[str, TensorQuantizer]] = []  # one slot each too, after the TP ones; source rank_max
     if par.world_size > 1:
         for name, module in linears:
             if module.kind in ("column", "row"):
                 for role in ("input_quantizer", "weight_quantizer"):
                     tp += [(n, q) for n, q in _leaves(f"{name}.{role}", module._modules[role])
                            if not q._disabled and is_scalar_amax(q)]
+        for name, attn in attentions:
+            replicated += [(f"{name}.{key}", q) for key, q in kv_cache_quantizers(attn)
+                           if not q._disabled and is_scalar_amax(q)]
+    n_tp = len(tp)
+    tp += replicated
 
     # (layer, linear, names, enabled input quantizers) of every MoE layer's expert linears
     groups: list[tuple[int, str, list[str], list[TensorQuantizer]]] = []
@@ -213,8 +227,9 @@ def fixup(model: torch.nn.Module, par: Parallel, sync_experts: bool, device: tor
         if host[i] != _NONE:
             targets.append(q)
             target_slots.append(i)
-            report.tp_synced_amax += 1
-            report.sources.setdefault(name, "tp_max")
+            if i < n_tp:
+                report.tp_synced_amax += 1
+            report.sources.setdefault(name, "tp_max" if i < n_tp else "rank_max")
     for g, (layer, linear, names, quantizers) in enumerate(groups):
         if not quantizers:
             continue
@@ -233,7 +248,11 @@ def fixup(model: torch.nn.Module, par: Parallel, sync_experts: bool, device: tor
 def missing_amax(model: torch.nn.Module) -> list[str]:
     """Enabled quantizers of this rank left without amax (dynamic formats need none and are skipped)."""
     missing = []
-    for name, module in quantized_linears(model):
+    for name, module in model.named_modules():
+        if isinstance(module, QuantMLA):
+            missing += [f"{name}.{key}" for key, q in kv_cache_quantizers(module) if q.is_enabled and not has_amax(q)]
+        if not isinstance(module, _QuantLinearMixin):
+            continue
         for kind in ("input_quantizer", "weight_quantizer"):
             for i, q in enumerate(leaf_quantizers(getattr(module, kind))):
                 if q.is_enabled and not has_amax(q) and not _is_dynamic_per_tensor_free(q):

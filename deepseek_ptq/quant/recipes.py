@@ -1,7 +1,9 @@
 """From the ``quant`` config group to a modelopt quantization config, with DeepSeek's own rules:
 gate, embedding and head never quantized; attention projections off unless ``quant.attn`` is set;
 ``wo`` quantized for FP4 formats unless ``quant.wo=false``; DeepSeek-V3.2's indexer (``attn.indexer``) off unless
-``quant.indexer=fp8`` (its ``weights_proj`` is no Linear: never quantized); then ``quant.overrides``, per-module
+``quant.indexer=fp8`` (its ``weights_proj`` is no Linear: never quantized); the MLA KV cache (``attn.kv_bmm_quantizer``
+on the normalized latent, ``attn.pe_bmm_quantizer`` on the rotary key: quant/modules.py) off unless
+``quant.kv_cache=fp8``, then FP8 E4M3 per tensor with max calibration; then ``quant.overrides``, per-module
 formats in order. Rules are appended, so they win over the preset (in modelopt's config the last matching entry
 wins); the never-quantized rules come after the overrides, which therefore cannot reach them."""
 
@@ -61,8 +63,19 @@ def is_fp4(preset: str) -> bool:
     return "FP4" in preset.upper()
 
 
+def check_kv_cache(quant_cfg: Any) -> str | None:
+    """The KV-cache format this runner calibrates (fp8) or None; UserError for one it does not."""
+    kv = choice(quant_cfg.get("kv_cache"))
+    if kv not in (None, "fp8"):
+        raise UserError(f"quant.kv_cache={kv}: this runner calibrates an FP8 KV cache only (one per-tensor scale "
+                        "for each layer's latent and rotary key, as engines cache them)",
+                        fix="set quant.kv_cache=fp8, or leave it unset (KV cache unquantized)")
+    return kv
+
+
 def build_quant_config(quant_cfg: Any, on_cpu: bool) -> dict[str, Any]:
     """The modelopt config for this run's quant group."""
+    kv_cache = check_kv_cache(quant_cfg)
     cfg = load_preset(quant_cfg.preset)
     rules: list[dict[str, Any]] = [{"quantizer_name": "*attn.*", "enable": False}]
     attn = choice(quant_cfg.attn)
@@ -87,6 +100,10 @@ def build_quant_config(quant_cfg: Any, on_cpu: bool) -> dict[str, Any]:
     if choice(quant_cfg.get("indexer")) == "fp8":
         rules += [{"quantizer_name": f"*attn.indexer.{m}.{q}_quantizer", "cfg": dict(_FP8_PER_TENSOR)}
                   for m in indexer.QUANTIZABLE for q in ("weight", "input")]
+    if kv_cache == "fp8":  # after "*attn.*", which keeps the cache unquantized otherwise
+        from deepseek_ptq.quant.modules import KV_CACHE_QUANTIZERS  # imports modelopt: only when asked
+
+        rules += [{"quantizer_name": f"*attn.{q}", "cfg": dict(_FP8_PER_TENSOR)} for q in KV_CACHE_QUANTIZERS]
     cfg["quant_cfg"] = list(cfg["quant_cfg"]) + rules
     if quant_cfg.algorithm is not None:
         cfg["algorithm"] = quant_cfg.algorithm
