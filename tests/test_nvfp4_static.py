@@ -127,6 +127,7 @@ def test_modelopts_static_quantizer_runs_on_cpu(four_over_six):
 
 _INTERPRETED = textwrap.dedent('''
     import sys, types, torch, triton
+    import triton.language as tl  # noqa: F401  (the interpreter looks for it in the jit function's globals)
     @triton.jit
     def _isnan(x):
         return x != x
