@@ -47,9 +47,16 @@ from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.files import atomic_output_dir, check_new_output, set_default_mode, write_json
 from deepseek_ptq.hf.convert import TOKENIZER_FILES
-from deepseek_ptq.hf.formats import CALIBRATED, FP8, FP8_BLOCK, NVFP4, module_formats
+from deepseek_ptq.hf.formats import CALIBRATED, FP8, FP8_BLOCK, NVFP4, module_formats, static_weight_fp8_max
 from deepseek_ptq.hf.names import hf_config, hf_module, is_indexer, is_linear, kv_cache_scale_names, to_hf
-from deepseek_ptq.hf.nvfp4_pack import E4M3_MAX, fp8_scale, nvfp4_global_scale, pack_nvfp4, quantize_fp8
+from deepseek_ptq.hf.nvfp4_pack import (
+    E4M3_MAX,
+    fp8_scale,
+    nvfp4_global_scale,
+    pack_nvfp4,
+    pack_nvfp4_static,
+    quantize_fp8,
+)
 from deepseek_ptq.hf.safetensors_io import ShardedWriter
 from deepseek_ptq.model.args import ModelArgs
 from deepseek_ptq.model.checkpoint import ShardReader, pick_world_size
@@ -62,6 +69,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Cannot find transformers package")
 _AMAX = re.compile(r"^(.*)\.(weight|input)_quantizer\._amax$")
 _KV_AMAX = re.compile(r"^layers\.(\d+)\.attn\.(kv|pe)_bmm_quantizer\._amax$")  # quant/modules.py, QuantMLA
+_GLOBAL_AMAX = re.compile(r"^(.*)\.weight_quantizer\._global_amax$")  # static block scales' per-tensor amax
 
 
 @dataclass
@@ -80,8 +88,10 @@ class ModuleScales:
     """One quantized linear's export: its format, the weight amax it is packed with, its activation scale."""
 
     fmt: str
-    weight_amax: torch.Tensor
+    weight_amax: torch.Tensor  # per tensor (static block scales: their global amax)
     input_scale: torch.Tensor
+    block_amax: torch.Tensor | None = None  # static block scales: one calibrated amax per 16-block
+    fp8_max: float = E4M3_MAX  # what static block scales are normalized to (256: four-over-six)
 
 
 def read_run(run_dir: Path) -> Run:
@@ -107,7 +117,7 @@ def read_run(run_dir: Path) -> Run:
 def merge_amax(run_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
     """All ranks' amax in one dict: max over the ranks that hold a key (tensor-parallel shards agree after the fixup)."""
     merged = rundir.read_amax(run_dir, world_size)
-    others = sorted(k for k in merged if not _AMAX.match(k) and not _KV_AMAX.match(k))
+    others = sorted(k for k in merged if not _AMAX.match(k) and not _KV_AMAX.match(k) and not _GLOBAL_AMAX.match(k))
     if others:
         raise UserError(f"the run holds quantizer state this export does not write: {', '.join(others[:3])}",
                         fix="export runs made with quant=nvfp4 or quant=fp8 (no AWQ pre-quant scales)")
@@ -122,10 +132,16 @@ def _bad(scale: torch.Tensor) -> bool:
     return not bool(torch.isfinite(scale)) or float(scale) == 0.0
 
 
-def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -> dict[str, ModuleScales]:
-    """Every quantized linear's scales, or one UserError listing every module that cannot be exported."""
+def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor],
+                static: dict[str, float] | None = None) -> dict[str, ModuleScales]:
+    """Every quantized linear's scales, or one UserError listing every module that cannot be exported.
+
+    ``static``: modules whose weights keep static block scales -> their FP8 normalization max
+    (``formats.static_weight_fp8_max``); their weight amax is the global amax, beside the per-block amax."""
+    static = static or {}
     quantized = {m for m, f in formats.items() if f in CALIBRATED}
-    stray = sorted({m.group(1) for k in amax if (m := _AMAX.match(k))} & (set(formats) - quantized), key=natural_key)
+    stray = sorted({m.group(1) for k in amax if (m := _AMAX.match(k) or _GLOBAL_AMAX.match(k))}
+                   & (set(formats) - quantized), key=natural_key)
     if stray:
         raise UserError(f"the run holds amax for linears its quant config leaves unquantized: {', '.join(stray[:5])}",
                         fix="export the run with the config it was calibrated with (its .hydra/config.yaml)")
@@ -133,7 +149,8 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
     amax = _engine_shared(amax, sorted(quantized, key=natural_key))
 
     def value(module: str, kind: str) -> torch.Tensor | None:
-        found = amax.get(f"{module}.{kind}_quantizer._amax")
+        key = "_global_amax" if kind == "weight" and module in static else "_amax"
+        found = amax.get(f"{module}.{kind}_quantizer.{key}")
         return None if found is None else found.float().amax()
 
     problems: list[tuple[str, str]] = []
@@ -149,7 +166,8 @@ def plan_scales(formats: dict[str, str | None], amax: dict[str, torch.Tensor]) -
             elif _bad(_scale(fmt, found)):
                 problems.append((module, f"{kind} scale {float(_scale(fmt, found))} from amax {float(found)}"))
         if weight_amax is not None and input_amax is not None:
-            plan[module] = ModuleScales(fmt, weight_amax, _scale(fmt, input_amax))
+            block = amax.get(f"{module}.weight_quantizer._amax") if module in static else None
+            plan[module] = ModuleScales(fmt, weight_amax, _scale(fmt, input_amax), block, static.get(module, E4M3_MAX))
     if problems:
         raise _refusal(problems)
     return plan
@@ -245,9 +263,14 @@ def _linear_tensors(module: str, reader: ShardReader, scales: ModuleScales | Non
     # The real weight exactly as the calibrated model's quantizer saw it (bf16 compute dtype).
     weight = weight.to(device)
     real = dequant(weight, block_scale.to(device), torch.bfloat16) if block_scale is not None else weight.to(torch.bfloat16)
-    if (problem := weight_range_problem(real, scales.weight_amax)) is not None:
+    # Static block scales clip on purpose (the MSE search picks them): their blocks are written as calibrated.
+    if scales.block_amax is None and (problem := weight_range_problem(real, scales.weight_amax)) is not None:
         raise _WeightOutOfRange(problem)
-    if scales.fmt == NVFP4:
+    if scales.block_amax is not None:
+        packed, block, scale_2 = pack_nvfp4_static(real, scales.block_amax.to(device), scales.weight_amax.to(device),
+                                                   scales.fp8_max)
+        tensors = {f"{hf}.weight": packed, f"{hf}.weight_scale": block, f"{hf}.weight_scale_2": scale_2}
+    elif scales.fmt == NVFP4:
         packed, block, scale_2 = pack_nvfp4(real, scales.weight_amax.to(device))
         tensors = {f"{hf}.weight": packed, f"{hf}.weight_scale": block, f"{hf}.weight_scale_2": scale_2}
     else:
@@ -327,7 +350,8 @@ def export_run(run_dir: Path, out: Path, max_shard_bytes: int = 5 * 2**30, unqua
             raise UserError(f"{len(unstored)} linears are to keep their stored FP8 blocks (format: fp8_block), but "
                             f"{run.ckpt_dir} stores them without block scales (first: {', '.join(unstored[:3])})",
                             fix="calibrate with format: none for them, or use an FP8 checkpoint")
-        plan = plan_scales(formats, amax)  # refuses before anything is written
+        # refuses before anything is written
+        plan = plan_scales(formats, amax, static_weight_fp8_max(mtq_cfg, linears))
         kv_scales = kv_cache_scales(run.quant_cfg, amax, run.args.n_layers)
         with atomic_output_dir(out) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes)

@@ -40,11 +40,32 @@ def _format_of(cfg: Any) -> str | None:
     num_bits = tuple(num_bits) if isinstance(num_bits, list) else num_bits
     blocks = _attr(cfg, "block_sizes")
     axis = _attr(cfg, "axis")
-    if num_bits == (2, 1) and isinstance(blocks, dict) and blocks.get(-1) == 16 and blocks.get("type") == "dynamic":
-        return NVFP4
+    if num_bits == (2, 1) and isinstance(blocks, dict) and blocks.get(-1) == 16 and \
+            blocks.get("type", "static") in ("dynamic", "static") and _as_tuple(blocks.get("scale_bits")) == (4, 3):
+        return NVFP4  # static: weights with calibrated block scales (MSE, local Hessian, four-over-six)
     if num_bits == (4, 3) and not blocks and axis is None:
         return FP8
     return None
+
+
+def _as_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def static_weight_fp8_max(mtq_cfg: dict[str, Any], modules: list[str]) -> dict[str, float]:
+    """Modules whose NVFP4 weight keeps static block scales -> the FP8 max those are normalized to (448; 256
+    for four-over-six)."""
+    from modelopt.torch.quantization.conversion import normalize_quant_cfg_list
+    from modelopt.torch.quantization.utils.numeric_utils import E4M3_MAX, E4M3_MAX_46
+
+    entries = normalize_quant_cfg_list(mtq_cfg["quant_cfg"])
+    found: dict[str, float] = {}
+    for module in modules:
+        weight = _replay(entries, f"{module}.weight_quantizer")
+        blocks = _attr(weight.cfg, "block_sizes")
+        if weight.enabled and _format_of(weight.cfg) == NVFP4 and blocks.get("type", "static") == "static":
+            found[module] = E4M3_MAX_46 if blocks.get("four_over_six") else E4M3_MAX
+    return found
 
 
 def _replay(entries: list[Any], quantizer: str) -> _QuantizerState:

@@ -41,6 +41,32 @@ def pack_nvfp4(weight: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, 
     return qtensor._quantized_data, block_scale, scale_2.reshape(())
 
 
+def pack_nvfp4_static(weight: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                      fp8_max: float = E4M3_MAX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same three tensors for static block scales (one calibrated amax per 16-block: MSE, local Hessian,
+    four-over-six), decoding to modelopt's static fake quantization of ``weight`` bit for bit.
+
+    The block scale the fake quantization multiplies is ``code x inv``: ``code`` the float8_e4m3fn rounding of
+    ``block_amax / 6 x (448 / s)`` and ``inv = 1 / (448 / s)``, s = ``global_amax x (448 / fp8_max) / 6`` (the steps
+    of modelopt's ``scaled_e4m3_impl`` on the CPU); so ``weight_scale`` is ``code`` and ``weight_scale_2`` is
+    ``inv`` (within an ulp of ``global_amax / (6 x fp8_max)``). A block whose code is 0 is all zeros, code 0."""
+    from deepseek_ptq.quant.nvfp4_static_cpu import block_scales
+
+    out_f, in_f = weight.shape
+    amax = block_amax.detach().float().reshape(out_f, in_f // NVFP4_BLOCK)
+    scale_amax = global_amax.detach().float().reshape(()) * (E4M3_MAX / fp8_max) / E2M1_MAX
+    multiplier = E4M3_MAX / torch.where(scale_amax <= 1.0 / (1 << 24), torch.ones_like(scale_amax), scale_amax)
+    inv = 1 / multiplier
+    codes = ((amax / E2M1_MAX) * multiplier).clamp(min=-E4M3_MAX, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    if not torch.equal(codes.float() * inv, block_scales(block_amax, global_amax, True, fp8_max).reshape(amax.shape)):
+        raise RuntimeError("static NVFP4 block scales differ from modelopt's scaled_e4m3_impl: this modelopt "
+                           "version rounds them another way; the export would not be the evaluated model")
+    zero = codes.float() == 0
+    qtensor, _, _ = NVFP4QTensor.quantize(weight, NVFP4_BLOCK, codes, inv, try_tensorrt=False)
+    packed = qtensor._quantized_data.masked_fill(zero.repeat_interleave(NVFP4_BLOCK // 2, dim=-1), 0)
+    return packed, codes, inv.reshape(())
+
+
 def unpack_nvfp4(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The weight a serving engine computes with: E2M1 code x (block scale x weight_scale_2), in ``dtype``."""

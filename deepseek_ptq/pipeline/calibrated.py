@@ -40,11 +40,13 @@ class Calibrated:
 
 
 def _amax_table(model: torch.nn.Module) -> dict[str, float]:
-    """Max of each quantizer's amax (scalar for per-tensor formats), read back in one transfer."""
+    """Max of each quantizer's amax (scalar for per-tensor formats; static block scales: their global amax, the
+    per-tensor scale engines read), read back in one transfer."""
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and has_amax(m)]
     if not named:
         return {}
-    values = torch.stack([m.amax.float().max() for _, m in named]).tolist()
+    per_tensor = [getattr(m, "global_amax", None) for _, m in named]
+    values = torch.stack([(m.amax if g is None else g).float().max() for (_, m), g in zip(named, per_tensor)]).tolist()
     return {n: v for (n, _), v in zip(named, values)}
 
 

@@ -29,8 +29,36 @@ def validate(cfg: Any) -> ModelArgs:
     _check_eval(cfg)
     check_overrides(cfg.quant, args)
     check_kv_cache(cfg.quant)
-    load_preset(cfg.quant.preset)  # imports modelopt (seconds): last, once the rest holds
+    _check_algorithm(cfg, load_preset(cfg.quant.preset))  # imports modelopt (seconds): last, once the rest holds
     return args
+
+
+def _static_block_weights(preset: dict[str, Any]) -> bool:
+    """Whether the preset gives weights NVFP4 static block scales (MSE, local Hessian, four-over-six)."""
+    for entry in preset["quant_cfg"]:
+        cfg = entry.get("cfg") if isinstance(entry, dict) else None
+        blocks = cfg.get("block_sizes") if isinstance(cfg, dict) else None
+        if isinstance(blocks, dict) and blocks.get("type", "static") == "static" and tuple(cfg.get("num_bits") or ()) == (2, 1):
+            return True
+    return False
+
+
+def _check_algorithm(cfg: Any, preset: dict[str, Any]) -> None:
+    """Recipes the layer-streamed or multi-rank paths have not been verified with, refused before any rank."""
+    from deepseek_ptq.quant.recipes import algorithm_method
+
+    method = algorithm_method({"algorithm": cfg.quant.algorithm if cfg.quant.algorithm is not None else preset["algorithm"]})
+    if cfg.calib.layerwise and method != "max":
+        # MSE and local Hessian search per layer, but local Hessian runs the forward loop twice (the second pass with
+        # quantized inputs), which the stream would take as the next layer's inputs: neither is verified yet.
+        raise UserError(f"calib.layerwise=true calibrates with max statistics; algorithm {method!r} "
+                        f"(quant.preset={cfg.quant.preset}) is not supported layer by layer yet",
+                        fix="set calib.layerwise=false (the resident run) for this recipe")
+    if cfg.parallel.world_size > 1 and _static_block_weights(preset):
+        raise UserError(f"quant.preset={cfg.quant.preset} gives weights static NVFP4 block scales, verified at "
+                        f"parallel.world_size=1 only: the block amax and global amax of tensor-parallel shards are "
+                        f"not merged across ranks (world size {cfg.parallel.world_size})",
+                        fix="run it with parallel=single")
 
 
 def _refuse_compressed_checkpoint(ckpt_dir: str | None) -> None:

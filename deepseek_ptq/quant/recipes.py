@@ -112,9 +112,9 @@ def build_quant_config(quant_cfg: Any, on_cpu: bool) -> dict[str, Any]:
         # Cross-rank amax sync is ours: one batched collective in the fixup instead of one per quantizer.
         cfg["algorithm"] = {**(algorithm if isinstance(algorithm, dict) else {}), "method": "max", "distributed_sync": False}
     if on_cpu:
-        from deepseek_ptq.quant import nvfp4_cpu
+        from deepseek_ptq.quant import nvfp4_cpu, nvfp4_static_cpu
 
-        nvfp4_cpu.register()
+        nvfp4_static_cpu.register()  # static block scales (MSE, local Hessian, 4/6 weights): no backend hook
         cfg = nvfp4_cpu.use_cpu_backend(cfg)
     return cfg
 
