@@ -104,7 +104,8 @@ class FastCalibration:
 
     Construct it through ``fast_calibration``, which also takes it off again."""
 
-    def __init__(self, model: nn.Module, all_experts: bool, options: FastOptions | None = None) -> None:
+    def __init__(self, model: nn.Module, all_experts: bool, options: FastOptions | None = None,
+                 experts_ratio: float | None = None) -> None:
         options = options or FastOptions()
         self.model = model
         self.bindings = Bindings()
@@ -125,7 +126,8 @@ class FastCalibration:
         self.moes: list[FastMoE] = []
         for i, moe in model.moe_layers():
             keep = options.keep_weights if options.keep_weights is not None else self._take(stacked_bytes(moe))
-            fast = FastMoE(moe, all_experts, keep_weights=keep, options=options, name=f"layers.{i}.ffn")
+            fast = FastMoE(moe, all_experts, keep_weights=keep, options=options, name=f"layers.{i}.ffn",
+                           experts_ratio=experts_ratio)
             self.bindings.bind(moe, "routed", fast)
             self.moes.append(fast)
         log.info("fast calibration path: %d MoE layers (%d keep dequantized experts), %d other linears",
@@ -165,13 +167,14 @@ class FastCalibration:
 
 
 @contextlib.contextmanager
-def fast_calibration(model: nn.Module, all_experts: bool,
-                     options: FastOptions | None = None) -> Iterator[FastCalibration]:
+def fast_calibration(model: nn.Module, all_experts: bool, options: FastOptions | None = None,
+                     experts_ratio: float | None = None) -> Iterator[FastCalibration]:
     """The fast path on ``model`` for the block (check ``why_not`` first); the model is restored on leaving.
 
-    ``all_experts``: every local expert's quantizers also see every token (the layer output stays top-k's).
+    ``all_experts``: every local expert's quantizers also see every token (the layer output stays top-k's);
+    ``experts_ratio``: each token's statistics experts only (quant/forced_routing.py).
     Call ``flush()`` after the last batch, inside the block, to hand the statistics to modelopt."""
-    fc = FastCalibration(model, all_experts, options)
+    fc = FastCalibration(model, all_experts, options, experts_ratio)
     try:
         yield fc
     finally:
