@@ -47,23 +47,44 @@ class Gate(nn.Module):
         self.bias = (nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
                      if args.gate_bias else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(scores, selection scores (score + bias), dropped groups [tokens, groups] or None, top-k indices)."""
         scores = F.linear(x, self.weight)
         scores = scores.softmax(dim=-1, dtype=torch.float32) if self.score_func == "softmax" else scores.sigmoid()
-        original_scores = scores
-        if self.bias is not None:
-            scores = scores + self.bias  # the bias steers selection only; weights use the unbiased scores
+        selection = scores if self.bias is None else scores + self.bias  # the bias steers selection only
+        limited, dropped = selection, None
         if self.n_groups > 1:
-            scores = scores.view(x.size(0), self.n_groups, -1)
-            group_scores = scores.amax(dim=-1) if self.bias is None else scores.topk(2, dim=-1)[0].sum(dim=-1)
+            grouped = selection.view(x.size(0), self.n_groups, -1)
+            group_scores = grouped.amax(dim=-1) if self.bias is None else grouped.topk(2, dim=-1)[0].sum(dim=-1)
             keep = group_scores.topk(self.topk_groups, dim=-1)[1]
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            scores = scores.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = scores.topk(self.topk, dim=-1)[1]
-        weights = original_scores.gather(1, indices)
+            limited = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        return scores, selection, dropped, limited.topk(self.topk, dim=-1)[1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, _, _, indices = self._select(x)
+        weights = scores.gather(1, indices)  # the unbiased scores
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights * self.route_scale).type_as(x), indices
+
+    def ranked(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The first ``max(k, topk)`` experts of each token [tokens, max(k, topk)] in the gate's order of preference:
+        its top-k (exactly as ``forward`` picks them, in its order), then the other experts of the groups it kept,
+        then those of the groups it dropped, each tier by selection score (score + bias; ties: lower index first).
+        So ``k <= topk`` gives the top-k and ``k = n_routed_experts`` every expert (partial forced routing)."""
+        _, selection, dropped, indices = self._select(x)
+        if k <= self.topk:
+            return indices
+        n_experts = selection.shape[-1]
+        tier = torch.ones_like(selection, dtype=torch.int8)  # 0: top-k, 1: a kept group, 2: a dropped group
+        if dropped is not None:
+            tier += dropped.to(torch.int8).repeat_interleave(n_experts // self.n_groups, dim=1)
+        tier.scatter_(1, indices, 0)
+        # Two stable sorts, by score and then by tier, order the experts by (tier, score); tier 0 is the top-k.
+        by_score = selection.sort(dim=-1, descending=True, stable=True)[1]
+        by_tier = by_score.gather(1, tier.gather(1, by_score).sort(dim=-1, stable=True)[1])
+        return torch.cat([indices, by_tier[:, self.topk:k]], dim=1)
 
 
 class MoE(nn.Module):

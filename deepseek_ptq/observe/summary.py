@@ -13,6 +13,8 @@ def _pct(x: float) -> str:
 def format_summary(metrics: dict[str, Any], run_dir: Path) -> str:
     counts, t = metrics["counts"], metrics["timings_s"]
     sync = "+sync" if metrics.get("calib_sync") else ""
+    if metrics.get("calib_experts_ratio") is not None:
+        sync = f" experts_ratio={metrics['calib_experts_ratio']:g}{sync}"
     lines = [
         f"deepseek-ptq run {metrics['status']}: {run_dir}",
         f"  model      {metrics['model']}  W={metrics['world_size']}  on {metrics.get('device')}",

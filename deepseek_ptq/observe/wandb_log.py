@@ -105,6 +105,7 @@ class Tracker:
         self.run.summary.update(flatten(metrics))
         artifact = wandb.Artifact(f"calibration-{self.run.id}", type="calibration",
                                   metadata={"quant": metrics.get("quant"), "calib": metrics.get("calib"),
+                                            "calib_experts_ratio": metrics.get("calib_experts_ratio"),
                                             "world_size": metrics.get("world_size")})
         for name in (".quant_summary.txt", "hf_quant_config.json", "run.log"):
             if (run_dir / name).exists():

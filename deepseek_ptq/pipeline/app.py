@@ -40,7 +40,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _config_summary(cfg: Any) -> dict[str, Any]:
-    return {"world_size": cfg.parallel.world_size, "calib": choice(cfg.calib.name), "quant": cfg.quant.name,
+    return {"world_size": cfg.parallel.world_size, "calib": choice(cfg.calib.name),
+            "calib_experts_ratio": cfg.calib.experts_ratio, "quant": cfg.quant.name,
             "model": cfg.model.name, "ckpt_dir": cfg.model.ckpt_dir}
 
 

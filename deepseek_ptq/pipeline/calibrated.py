@@ -84,7 +84,7 @@ def calibrate_resident(cfg: Any, args: Any, ckpt: Path | RandomWeights, par: Par
     model = build_model(args, ckpt, par, device, progress=rank0)
     timings["load"] = time.perf_counter() - start
     timings["calibrate"] = calibrate(model, mtq_cfg, batches.calib, choice(cfg.calib.name) == "all_experts", device,
-                                     progress=rank0, fast=cfg.calib.fast)
+                                     progress=rank0, fast=cfg.calib.fast, experts_ratio=cfg.calib.experts_ratio)
     tokens = {i: moe.token_counts.tolist() for i, moe in model.moe_layers()}  # before evaluation adds its own
     record = fixup_record(model, par, cfg.calib.sync, device)
     amax = amax_state(model)

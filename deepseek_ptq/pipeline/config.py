@@ -129,6 +129,10 @@ class CalibConfig:
     sync: bool = True  # peer-max expert input amax after top-k calibration
     strict: bool = False  # an enabled quantizer left without amax fails the run
     fast: bool = True  # grouped-GEMM calibration; false: the plain reference path, one modelopt call per expert
+    # Partial forced routing (calib=topk only), 0 < r <= 1: each token's statistics also from the first
+    # ceil(r x E) experts of its gate's ranking, the layer output still top-k (quant/forced_routing.py);
+    # None: the mode's own routing. r = 1 is all_experts.
+    experts_ratio: float | None = None
     # One layer on the device at a time, streamed from the checkpoint (pipeline/stream.py): the same amax as the
     # resident run in the memory of one layer.
     layerwise: bool = False

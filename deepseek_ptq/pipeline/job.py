@@ -31,6 +31,7 @@ from deepseek_ptq.pipeline.config import eval_enabled
 from deepseek_ptq.pipeline.data import make_batches
 from deepseek_ptq.pipeline.rundir import gather_to_all, save_amax, write_quant_summary
 from deepseek_ptq.pipeline.stream import calibrate_streamed
+from deepseek_ptq.quant.forced_routing import statistics_experts
 from deepseek_ptq.quant.recipes import build_quant_config, hf_algo_name
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,14 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     timings = dict(result.timings)
     counts = _write_model_files(cfg, args, run_dir, gathered)
     with _timed(timings, "stats"):
-        stats = collect(gathered, result.tokens, batches.calib_tokens * args.n_activated_experts)
+        stats = collect(gathered, result.tokens, batches.calib_tokens * _statistics_experts(cfg, args))
         write_csv(stats, run_dir / "stats")
         if result.scores is not None:
             write_sequences(result.scores, batches.byte_level, run_dir / "stats" / SEQUENCES_CSV)
         streamed = layer_summary(gathered, run_dir / "stats") if cfg.calib.layerwise else None
     with _timed(timings, "plots"):
         plots = write_plots(stats, run_dir / "plots", title=f"{cfg.model.name}, {cfg.quant.name}, "
-                            f"{choice(cfg.calib.name)}{'+sync' if cfg.calib.sync else ''}, W={par.world_size}")
+                            f"{_calib_label(cfg)}{'+sync' if cfg.calib.sync else ''}, W={par.world_size}")
     timings["fixup"] = max(g["fixup_s"] for g in gathered)
     metrics = _ok_metrics(cfg, run_dir, par, device, ckpt, timings, batches.calib_tokens, counts, stats,
                           summarize(result.scores, batches.byte_level) if result.scores is not None else None)
@@ -90,6 +91,19 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     _finish(tracker, metrics, stats, plots, run_dir, t_start)
     if cfg.calib.layerwise:
         resume.remove(run_dir)
+
+
+def _statistics_experts(cfg: Any, args: Any) -> int:
+    """Experts per token whose quantizers saw it: what each MoE layer's token counts sum to, per token (top-k
+    routed counts, or with calib.experts_ratio the statistics tokens too; all_experts counts its routed ones)."""
+    if cfg.calib.experts_ratio is None:
+        return args.n_activated_experts
+    return statistics_experts(cfg.calib.experts_ratio, args.n_routed_experts, args.n_activated_experts)
+
+
+def _calib_label(cfg: Any) -> str:
+    ratio = cfg.calib.experts_ratio
+    return choice(cfg.calib.name) + (f" experts_ratio={ratio:g}" if ratio is not None else "")
 
 
 def _write_model_files(cfg: Any, args: Any, run_dir: Path, gathered: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,6 +135,7 @@ def _ok_metrics(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, ck
         "world_size": par.world_size,
         "calib": choice(cfg.calib.name),
         "calib_sync": cfg.calib.sync,
+        "calib_experts_ratio": cfg.calib.experts_ratio,
         "quant": cfg.quant.name,
         "quant_preset": cfg.quant.preset,
         "model": cfg.model.name,

@@ -18,6 +18,7 @@ class RunMetrics:
     world_size: int | None = None
     calib: str | None = None
     calib_sync: bool | None = None
+    calib_experts_ratio: float | None = None  # partial forced routing (None: the mode's own routing)
     quant: str | None = None
     quant_preset: str | None = None
     model: str | None = None
@@ -52,4 +53,5 @@ class RunMetrics:
 
     @property
     def mode_label(self) -> str:
-        return f"{self.quant}, {self.calib}{'+sync' if self.calib_sync else ''}, W={self.world_size}"
+        ratio = f" r={self.calib_experts_ratio:g}" if self.calib_experts_ratio is not None else ""
+        return f"{self.quant}, {self.calib}{ratio}{'+sync' if self.calib_sync else ''}, W={self.world_size}"

@@ -266,7 +266,8 @@ def _stream_layers(cfg: Any, source: LayerSource, state: resume.StreamState, par
         load_s = time.perf_counter() - t0
         phases: dict[str, float] = {}
         calibrate_s = calibrate(piece, mtq_cfg, hidden, all_experts, device, progress=False, fast=cfg.calib.fast,
-                                on_output=keep, piece=True, phases=phases, converted=reused)
+                                on_output=keep, piece=True, phases=phases, converted=reused,
+                                experts_ratio=cfg.calib.experts_ratio)
         weights_quantized = weights_quantized or any(q.is_enabled for _, m in quantized_linears(piece)
                                                      for q in leaf_quantizers(m.weight_quantizer))
         state.tokens.update({j: moe.token_counts.tolist() for j, moe in piece.moe_layers()})

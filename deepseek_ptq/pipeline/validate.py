@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deepseek_ptq.common import choice
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.args import ModelArgs, refuse_compressed_weights
 from deepseek_ptq.model.load import check_source, resolve_args
@@ -29,6 +30,7 @@ def validate(cfg: Any) -> ModelArgs:
     _check_eval(cfg)
     check_overrides(cfg.quant, args)
     check_kv_cache(cfg.quant)
+    _check_experts_ratio(cfg.calib)
     _check_algorithm(cfg, load_preset(cfg.quant.preset))  # imports modelopt (seconds): last, once the rest holds
     return args
 
@@ -74,6 +76,21 @@ def _refuse_compressed_checkpoint(ckpt_dir: str | None) -> None:
         return
     if isinstance(values, dict):
         refuse_compressed_weights(values, str(path))
+
+
+def _check_experts_ratio(calib: Any) -> None:
+    ratio = calib.experts_ratio
+    if ratio is None:
+        return
+    if choice(calib.name) != "topk":
+        raise UserError(f"calib.experts_ratio={ratio:g} with calib={choice(calib.name)}: the ratio forces more experts "
+                        "onto top-k calibration, and all_experts is ratio 1 already",
+                        fix=f"use calib=topk calib.experts_ratio={ratio:g} (calib.sync as you want it), or drop "
+                            "calib.experts_ratio")
+    if not 0 < ratio <= 1:  # (NaN too)
+        raise UserError(f"calib.experts_ratio={ratio}: the share of a layer's routed experts each token reaches for "
+                        "statistics must be above 0 and at most 1",
+                        fix="set calib.experts_ratio in (0, 1] (1: every expert), or drop it for plain top-k")
 
 
 def _check_eval(cfg: Any) -> None:

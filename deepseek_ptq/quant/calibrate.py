@@ -20,6 +20,7 @@ from tqdm import tqdm
 from deepseek_ptq.errors import UserError
 from deepseek_ptq.model.parallel import Linear
 from deepseek_ptq.quant.binding import Bindings
+from deepseek_ptq.quant.forced_routing import forced_experts
 from deepseek_ptq.quant.nonfinite import NonFiniteActivations, guard_quantizers
 from deepseek_ptq.quant.reuse import recalibrate
 
@@ -140,17 +141,34 @@ def _all_tokens_to_every_expert(moe: nn.Module, args: tuple) -> None:
         expert(x)  # output discarded: the quantizers see the whole distribution
 
 
+def _forced_tokens_to_experts(ratio: float) -> Callable[[nn.Module, tuple], None]:
+    def hook(moe: nn.Module, args: tuple) -> None:
+        x = args[0]
+        x = x.reshape(-1, x.shape[-1])
+        forced = forced_experts(moe, x, ratio)
+        if forced is None:
+            return
+        for i, expert in moe.local_experts():
+            rows = torch.where((forced == i).any(dim=1))[0]  # its tokens, ascending
+            if rows.numel():
+                expert(x[rows])  # output discarded, as in all-experts mode
+    return hook
+
+
 @contextlib.contextmanager
-def plain_calibration(model: nn.Module, all_experts: bool) -> Iterator[PlainCalibration]:
+def plain_calibration(model: nn.Module, all_experts: bool,
+                      experts_ratio: float | None = None) -> Iterator[PlainCalibration]:
     """The plain path for the block. ``all_experts``: before each MoE layer's forward every local expert sees
     every token (its output discarded), so its quantizers see the whole distribution; the layer output then
     comes from the ordinary top-k path, bit-identical to top-k calibration. (The gate has no quantizer and
-    max statistics do not depend on the order of the calls.)"""
+    max statistics do not depend on the order of the calls.) ``experts_ratio``: the same with each token sent
+    to its statistics experts only (quant/forced_routing.py)."""
     bindings = Bindings()
     try:
-        if all_experts:
+        if all_experts or experts_ratio is not None:
+            hook = _all_tokens_to_every_expert if experts_ratio is None else _forced_tokens_to_experts(experts_ratio)
             for _, moe in model.moe_layers():
-                bindings.hook(moe.register_forward_pre_hook(_all_tokens_to_every_expert))
+                bindings.hook(moe.register_forward_pre_hook(hook))
         yield PlainCalibration()
     finally:
         bindings.restore()
@@ -208,7 +226,8 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
               device: torch.device, progress: bool, on_batch: Callable[[int], None] | None = None,
               fast: bool = True, fast_options: FastOptions | None = None,
               on_output: Callable[[int, torch.Tensor], None] | None = None, piece: bool = False,
-              phases: dict[str, float] | None = None, converted: bool = False) -> float:
+              phases: dict[str, float] | None = None, converted: bool = False,
+              experts_ratio: float | None = None) -> float:
     """Quantize the model in place with modelopt, calibrating on ``batches``; returns the seconds spent.
 
     ``fast``: the grouped-GEMM path of quant/fast/ where the format allows it (same amax as the plain
@@ -222,7 +241,9 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
     enabled weight quantizer). ``phases`` gets ``forward_s``, the seconds of the passes over the batches (the
     rest of the returned time is modelopt's conversion and bookkeeping). ``converted``: the model's quantizers
     were converted and calibrated before (a block reused for the next layer): ``quant.reuse.recalibrate`` clears
-    their statistics and calibrates them again, without converting.
+    their statistics and calibrates them again, without converting. ``experts_ratio`` (top-k mode only): partial
+    forced routing, each token's statistics also from the first ceil(r x E) experts of its gate's ranking
+    (quant/forced_routing.py); the layer output stays top-k's.
     """
     import modelopt.torch.quantization as mtq
 
@@ -231,6 +252,8 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
     from deepseek_ptq.quant.fast.expert_weights import observe_stacked, stack_experts
     from deepseek_ptq.quant.recipes import algorithm_method
 
+    if experts_ratio is not None and all_experts:
+        raise ValueError("experts_ratio is top-k calibration with forced routing; all_experts is ratio 1 already")
     start = time.perf_counter()
     modules.register()
     # A reused block on the fast path: its experts are dequantized once, for the finite check, the weight
@@ -245,9 +268,9 @@ def calibrate(model: nn.Module, mtq_cfg: dict[str, Any], batches: list[torch.Ten
         if fast:
             reason = why_not(m, algorithm_method(mtq_cfg))
             if reason is None:
-                return fast_calibration(m, all_experts, fast_options, stacked)
+                return fast_calibration(m, all_experts, fast_options, stacked, experts_ratio=experts_ratio)
             log.info("plain calibration path: %s", reason)
-        return plain_calibration(m, all_experts)
+        return plain_calibration(m, all_experts, experts_ratio)
 
     def forward_loop(m: nn.Module) -> None:
         # Some algorithms (AWQ) run the loop more than once: the counts describe one pass over the data.

@@ -109,7 +109,7 @@ class FastCalibration:
     Construct it through ``fast_calibration``, which also takes it off again."""
 
     def __init__(self, model: nn.Module, all_experts: bool, options: FastOptions | None = None,
-                 stacked: dict[int, ExpertWeights] | None = None) -> None:
+                 stacked: dict[int, ExpertWeights] | None = None, experts_ratio: float | None = None) -> None:
         options = options or FastOptions()
         self.model = model
         self.bindings = Bindings()
@@ -135,7 +135,8 @@ class FastCalibration:
             else:
                 keep = options.keep_weights if options.keep_weights is not None else self._take(stacked_bytes(moe))
             fast = FastMoE(moe, all_experts, keep_weights=keep, options=options, name=f"layers.{i}.ffn",
-                           weights=(stacked[i].w13, stacked[i].w2) if i in stacked else None)
+                           weights=(stacked[i].w13, stacked[i].w2) if i in stacked else None,
+                           experts_ratio=experts_ratio)
             self.bindings.bind(moe, "routed", fast)
             self.moes.append(fast)
         log.info("fast calibration path: %d MoE layers (%d keep dequantized experts), %d other linears",
@@ -176,13 +177,15 @@ class FastCalibration:
 
 @contextlib.contextmanager
 def fast_calibration(model: nn.Module, all_experts: bool, options: FastOptions | None = None,
-                     stacked: dict[int, ExpertWeights] | None = None) -> Iterator[FastCalibration]:
+                     stacked: dict[int, ExpertWeights] | None = None,
+                     experts_ratio: float | None = None) -> Iterator[FastCalibration]:
     """The fast path on ``model`` for the block (check ``why_not`` first); the model is restored on leaving.
 
-    ``all_experts``: every local expert's quantizers also see every token (the layer output stays top-k's).
+    ``all_experts``: every local expert's quantizers also see every token (the layer output stays top-k's);
+    ``experts_ratio``: each token's statistics experts only (quant/forced_routing.py).
     Call ``flush()`` after the last batch, inside the block, to hand the statistics to modelopt. ``stacked``:
     MoE layers whose experts are dequantized already (quant/fast/expert_weights.py)."""
-    fc = FastCalibration(model, all_experts, options, stacked)
+    fc = FastCalibration(model, all_experts, options, stacked, experts_ratio)
     try:
         yield fc
     finally:

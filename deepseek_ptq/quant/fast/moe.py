@@ -10,6 +10,7 @@ from far less work:
     into each quantizer's calibrator once, at the end (``ExpertStats.flush``), with modelopt's own checks.
   * all-experts mode: every local expert's w1/w3 input is the whole batch (its max is max |x|), and its w2
     input amax needs only the w1/w3 GEMMs of all tokens: the w2 GEMM's output is discarded, so it is skipped.
+    Partial forced routing (quant/forced_routing.py) does the same over each expert's statistics tokens.
 The routed output is the plain path's, operation for operation: the same bf16 products, and each token's
 weighted expert outputs summed one by one in ascending expert order, as the plain path's index_add_ does.
 On the CPU every amax is bit-identical to the plain path (tests/test_fast_path.py); on a GPU one grouped GEMM
@@ -29,6 +30,7 @@ from deepseek_ptq.model.moe import MoE
 from deepseek_ptq.model.parallel import Linear
 from deepseek_ptq.quant.fast.options import FastOptions, Grouped
 from deepseek_ptq.quant.fast.running_max import NOTHING_SEEN, merge_into_calibrators
+from deepseek_ptq.quant.forced_routing import forced_experts
 
 
 @functools.cache
@@ -224,13 +226,42 @@ def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> N
     torch.maximum(stats.w2[:n_local], torch.stack(h_max).float(), out=stats.w2[:n_local])
 
 
+def forced_token_stats(moe: MoE, x: torch.Tensor, forced: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> None:
+    """Partial forced routing's statistics: each local expert's w1/w3 and w2 input amax over the tokens that
+    ``forced`` ([tokens, k] expert ids, all E) sends it, ascending, by the plain path's GEMM calls (its tokens
+    times w1, then times w3, as ``all_token_stats``); one host sync per call, for the group sizes. With every
+    expert forced these are all_token_stats' operands and results, bit for bit."""
+    k = forced.shape[1]
+    n_local, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    local = (forced >= moe.experts_start) & (forced < moe.experts_end)
+    segment = torch.where(local, forced - moe.experts_start, n_local).flatten()
+    order = torch.argsort(segment, stable=True)  # by expert, tokens ascending within one (as torch.where gives)
+    sizes = torch.zeros(n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(0, segment, torch.ones_like(segment))
+    seen, x_max, h_max = [], [], []
+    for e, rows in enumerate((order // k).split(sizes.tolist())[:n_local]):
+        if rows.numel() == 0:
+            continue  # no token: its calibrators stay as they are (the plain path makes no call)
+        xe = x.index_select(0, rows)
+        seen.append(e)
+        x_max.append(torch.linalg.vector_norm(xe, float("inf")))
+        h_max.append(torch.linalg.vector_norm(F.silu(F.linear(xe, w13[e, :inter])) * F.linear(xe, w13[e, inter:]),
+                                              float("inf")))
+    if seen:
+        slots = torch.tensor(seen, device=x.device)
+        stats.w13[slots] = torch.maximum(stats.w13[slots], torch.stack(x_max).float())
+        stats.w2[slots] = torch.maximum(stats.w2[slots], torch.stack(h_max).float())
+
+
 class FastMoE:
     """The calibration version of one MoE layer's ``routed``, bound onto the instance while calibration runs."""
 
     def __init__(self, moe: MoE, all_experts: bool, keep_weights: bool, options: FastOptions, name: str = "",
-                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 experts_ratio: float | None = None) -> None:
         """``weights``: the stacked experts when the caller has them already (``stacked_expert_weights``)."""
         self.moe, self.all_experts, self.keep_weights, self.name = moe, all_experts, keep_weights, name
+        self.experts_ratio = experts_ratio
         self.grouped = options.grouped(moe.token_counts.is_cuda)
         self.combine = options.combine
         self.stats = ExpertStats.empty(moe.experts_end - moe.experts_start, moe.token_counts.device)
@@ -250,7 +281,11 @@ class FastMoE:
         """``MoE.routed``'s signature and output; the expert statistics go into ``self.stats``."""
         self.dtype = x.dtype
         w13, w2 = self.weights()
-        if self.all_experts:
+        if self.experts_ratio is not None:
+            forced = forced_experts(self.moe, x, self.experts_ratio)
+            if forced is not None:
+                forced_token_stats(self.moe, x, forced, w13, self.stats)
+        elif self.all_experts:
             all_token_stats(x, w13, self.stats)
         return routed_forward(self.moe, x, weights, indices, w13, w2, self.stats, self.grouped, self.combine)
 
