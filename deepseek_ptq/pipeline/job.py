@@ -183,7 +183,8 @@ def _write_hf_quant_config(run_dir: Path, cfg: Any, args: Any, excluded: list[st
                                     "exclude_modules": excluded + [f"layers.{args.n_layers}*"]
                                     # the V3.2 indexer's weights_proj is no Linear: never quantized
                                     + (["layers.*.attn.indexer.weights_proj"] if args.has_indexer else [])}
-    overrides = OmegaConf.to_container(cfg.quant.get("overrides") or [], resolve=True, enum_to_str=True)
+    entries = cfg.quant.get("overrides")
+    overrides = OmegaConf.to_container(entries, resolve=True, enum_to_str=True) if entries else []
     if overrides:  # the preset's format is not every quantized linear's: the export names each layer's
         quantization["quant_algo"] = "MIXED_PRECISION"
         quantization["base_quant_algo"] = hf_algo_name(preset)
