@@ -9,6 +9,7 @@ kernel itself runs on the CPU under Triton's interpreter and is compared bit for
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -272,6 +273,11 @@ def test_recipe_calibrates_evaluates_and_exports(runs, option, tmp_path):
         input_amax = amax[f"{name}.input_quantizer._amax"].float()
         assert torch.equal(tensors[f"{p}.input_scale"], input_amax / 2688)
     assert searched > 0
+    # stats/amax.csv: a static weight's per-tensor figure is its global amax (the scale engines read)
+    with open(run_dir / "stats" / "amax.csv") as f:
+        rows = {r["quantizer"]: r for r in csv.DictReader(f)}
+    for name in weights:
+        assert float(rows[f"{name}.weight_quantizer"]["amax_after"]) == float(amax[f"{name}.weight_quantizer._global_amax"])
     # w1/w3 share one global amax (modelopt's shared state): one weight_scale_2, as engines need
     w1 = [n for n in weights if n.endswith(".w1")]
     assert w1 and all(torch.equal(tensors[f"{_hf(n)}.weight_scale_2"], tensors[f"{_hf(n[:-1] + '3')}.weight_scale_2"])
