@@ -26,6 +26,7 @@ from deepseek_ptq.model.parallel import Parallel
 from deepseek_ptq.model.synthetic import init_random_
 from deepseek_ptq.model.transformer import Transformer
 from deepseek_ptq.pipeline.launch import free_port
+from deepseek_ptq.pipeline.metrics import RunMetrics
 from deepseek_ptq.pipeline.validate import validate
 from deepseek_ptq.quant.calibrate import calibrate
 from deepseek_ptq.quant.forced_routing import statistics_experts
@@ -237,6 +238,7 @@ def test_a_run_records_the_ratio_and_its_statistics_tokens(tmp_path, cache_dir):
     for layer in m["stats"]["expert_tokens"].values():
         assert layer["total"] == m["tokens_calibrated"] * 8  # 8 of the 16 experts a token
     assert "experts_ratio=0.5" in (run / "summary.md").read_text()
+    assert RunMetrics.read(run).mode_label == "nvfp4, topk r=0.5, W=1"
 
 
 def test_streamed_run_with_a_ratio_equals_the_resident_run(tmp_path, cache_dir):

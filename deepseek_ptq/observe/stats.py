@@ -1,7 +1,8 @@
 """Statistics of one calibration, computed on rank 0 from every rank's share.
 
 Per quantizer: amax before and after the fixup and why it changed (calibrated, peer_max, tp_max, rank_max,
-weight_fill, fused_max). Per MoE layer and expert: routed tokens. Per expert linear: how much the peer-max sync
+weight_fill, fused_max). Per MoE layer and expert: routed tokens (with calib.experts_ratio: the tokens its
+quantizers saw, forced ones included). Per expert linear: how much the peer-max sync
 raised its input amax (synced / own), the figure that decides between calibration modes.
 """
 
@@ -63,8 +64,8 @@ class AmaxRow:
 @dataclass
 class RunStats:
     amax: list[AmaxRow]
-    tokens: dict[int, list[int]]  # MoE layer -> routed tokens of each expert (all ranks)
-    tokens_per_expert_slot: int  # tokens x top-k: what each layer's counts must sum to
+    tokens: dict[int, list[int]]  # MoE layer -> routed (or statistics) tokens of each expert (all ranks)
+    tokens_per_expert_slot: int  # tokens x top-k (or x the statistics experts): what each layer's counts sum to
     summary: dict[str, Any] = field(default_factory=dict)
 
     def expert_rows(self, linear: str, role: str = "input") -> list[AmaxRow]:
