@@ -287,6 +287,40 @@ def test_gpu_moe_combine_bit_identical_to_torch_ops():
 
 @pytest.mark.gpu
 @CUDA
+def test_gpu_swiglu_amax_bit_identical_to_torch_ops():
+    """The all-experts w2 input amax kernel against silu(a1) * a3 and the inf-norm in torch's bf16 ops: 65,536
+    maxima of 128 values each and whole tensors, magnitudes from 1e-6 to 1e3 (exp's overflow), NaN and inf."""
+    from deepseek_ptq.model import triton_kernels
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    assert fast_moe.triton_swiglu_is_exact(dev) and fast_moe.uses_triton_swiglu(dev, "auto")
+    scale = torch.logspace(-6, 3, 65536, device=dev)[torch.randperm(65536, generator=gen, device=dev), None]
+    a1, a3 = ((torch.randn(65536, 128, generator=gen, device=dev) * scale).bfloat16() for _ in range(2))
+    got = triton_kernels.swiglu_absmax(a1, a3, segment=128, block=128).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(got, torch.linalg.vector_norm(torch.nn.functional.silu(a1) * a3, float("inf"), dim=1))
+    for rows in (1, 7, 8192):  # whole tensors, the last block partly masked
+        x1, x3 = a1[:rows, :100].contiguous(), a3[:rows, :100].contiguous()
+        whole = triton_kernels.swiglu_absmax(x1, x3).view(torch.float32).to(torch.bfloat16)
+        assert torch.equal(whole[0], fast_moe.swiglu_absmax_torch(x1, x3)), rows
+    for bad in (float("nan"), float("inf")):
+        x1 = a1[:64].clone()
+        x1[17, 5] = bad
+        want = fast_moe.swiglu_absmax_torch(x1, a3[:64])
+        got = triton_kernels.swiglu_absmax(x1, a3[:64]).view(torch.float32).to(torch.bfloat16)[0]
+        assert not want.isfinite() and (torch.equal(got, want) or (got.isnan() and want.isnan())), (bad, got, want)
+    # The fast path's all-experts statistics, kernel and torch ops, on one MoE layer's experts.
+    moe = _moe(0, 1).cuda()
+    x = torch.randn(300, TINY.dim, device=dev, generator=gen).bfloat16()
+    w13, _ = fast_moe.stacked_expert_weights(moe)
+    stats = [fast_moe.ExpertStats.empty(TINY.n_routed_experts, dev) for _ in range(2)]
+    fast_moe.all_token_stats(x, w13, stats[0], swiglu_kernel=True)
+    fast_moe.all_token_stats(x, w13, stats[1], swiglu_kernel=False)
+    assert torch.equal(stats[0].w2, stats[1].w2) and torch.equal(stats[0].w13, stats[1].w13)
+
+
+@pytest.mark.gpu
+@CUDA
 @pytest.mark.parametrize("layout", ["tokens_m"])  # weights_m: CUDA torch 2.11 needs group sizes in multiples of 8
 @pytest.mark.parametrize("pad", [False, True])
 def test_gpu_every_grouped_layout_close_to_the_plain_loop(layout, pad):

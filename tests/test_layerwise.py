@@ -155,8 +155,14 @@ def _wait_for(path_glob: Path, pattern: str, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def test_run_killed_mid_stream_resumes_to_the_same_amax(tmp_path, cache_dir):
-    overrides = [*EVAL, "calib=all_experts", "calib.layerwise=true", "logger=none"]
+@pytest.mark.parametrize("where", [
+    [],
+    # the resumed hidden states go from the file straight to pinned host memory
+    pytest.param(["parallel.device=cuda", "calib.hidden_on_host=true"], marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]),
+], ids=["cpu", "gpu-hidden_on_host"])
+def test_run_killed_mid_stream_resumes_to_the_same_amax(tmp_path, cache_dir, where):
+    overrides = [*EVAL, "calib=all_experts", "calib.layerwise=true", "logger=none", *where]
     whole = run_job(tmp_path / "whole", overrides)
     run_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

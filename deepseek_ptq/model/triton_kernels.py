@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 BLOCK = 128
 
@@ -291,3 +292,49 @@ def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, blo
         _moe_combine_kernel[grid](out, pos, weights, y, out.shape[1], out.stride(0), y.stride(0),
                                   K=k, BLOCK_D=block_d, num_warps=4)
     return y
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SwiGLU amax: max |bf16(silu(a1)) * a3| of two bf16 GEMM outputs, without writing the SwiGLU out (the w2 input
+# amax of all-experts calibration, where the w2 GEMM itself is skipped).
+
+
+@triton.jit
+def _swiglu_absmax_kernel(a1_ptr, a3_ptr, out_ptr, n, segment_blocks, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(a1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(a3_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # torch's silu on bf16: x / (1 + exp(-x)) in float32 (CUDA's expf, an IEEE division), rounded to bf16
+    s = tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
+    s = tl.where(s == s, _round_to_bf16(s), s)  # a NaN stays NaN (the bit rounding could carry it to -0)
+    # |s * g| is exact in float32 (two 8-bit significands). Rounding to bf16 is monotone, so the max of the
+    # rounded products is the rounded max: the caller rounds once. Non-negative floats order as their bits,
+    # and a NaN's bits (sign cleared by abs) sit above inf's: the max propagates NaN as torch's does.
+    bits = tl.abs(s * g).to(tl.int32, bitcast=True)
+    tl.atomic_max(out_ptr + pid // segment_blocks, tl.max(bits, axis=0))
+
+
+def swiglu_absmax(a1: torch.Tensor, a3: torch.Tensor, out: torch.Tensor | None = None, segment: int | None = None,
+                  block: int = 4096) -> torch.Tensor:
+    """max |silu(a1) * a3| with torch's bf16 rounding (each op's result rounded to bf16), as float32 bits
+    (int32) folded into ``out`` by an atomic max; ``out`` starts at 0 (the bits of +0.0), or a new one is made.
+
+    ``segment``: a max per ``segment`` consecutive elements (a multiple of ``block``; default: one for all),
+    ``out[i]`` taking elements [i * segment, (i + 1) * segment). Read the result as
+    ``out.view(torch.float32).to(torch.bfloat16)``: the bf16 value torch's ops give."""
+    if a1.dtype != torch.bfloat16 or a3.dtype != torch.bfloat16 or a1.shape != a3.shape:
+        raise ValueError("swiglu_absmax takes two bf16 tensors of one shape")
+    if not (a1.is_contiguous() and a3.is_contiguous()):
+        raise ValueError("swiglu_absmax takes contiguous tensors")
+    n = a1.numel()
+    programs = triton.cdiv(n, block)
+    segment = segment or max(programs, 1) * block
+    if segment % block:
+        raise ValueError(f"segment {segment} is not a multiple of block {block}")
+    if out is None:
+        out = torch.zeros(triton.cdiv(max(n, 1), segment), dtype=torch.int32, device=a1.device)
+    if n:
+        _swiglu_absmax_kernel[(programs,)](a1, a3, out, n, segment // block, BLOCK=block, num_warps=8)
+    return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +35,18 @@ from deepseek_ptq.quant.forced_routing import forced_experts
 
 
 @functools.cache
-def _triton_dequant():
+def _triton(name: str) -> Callable | None:
+    """A kernel of model/triton_kernels.py, or None where Triton does not import."""
     try:
         from deepseek_ptq.model import triton_kernels
     except Exception:  # no triton (CPU machines) or a broken install: the torch path is exact too
         return None
-    return triton_kernels.fp8_block_dequant
+    return getattr(triton_kernels, name)
 
 
 def dequant_into(linear: Linear, out: torch.Tensor) -> None:
     """``linear.dequantized_weight()`` written into ``out`` (the same kernel or the same torch ops: same bits)."""
-    kernel = _triton_dequant() if linear.scale is not None and out.is_cuda else None
+    kernel = _triton("fp8_block_dequant") if linear.scale is not None and out.is_cuda else None
     if kernel is not None:
         kernel(linear.weight, linear.scale, out.dtype, out=out)
     else:
@@ -117,22 +119,17 @@ def moe_combine_torch(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tenso
     return y
 
 
-@functools.cache
-def _triton_combine():
-    try:
-        from deepseek_ptq.model import triton_kernels
-    except Exception:
-        return None
-    return triton_kernels.moe_combine
+def _fresh_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
 @functools.cache
 def triton_combine_is_exact(device: torch.device) -> bool:
     """The Triton combine against the torch ops on fresh random data on ``device`` (a few milliseconds, once)."""
-    kernel = _triton_combine()
+    kernel = _triton("moe_combine")
     if kernel is None:
         return False
-    gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen = _fresh_generator(device)
     rows, dim, tokens, k = 4096, 2048, 1024, 8
     out = (torch.randn(rows, dim, generator=gen, device=device) * 3).bfloat16()
     pos = torch.randint(-1, rows, (tokens, k), generator=gen, device=device)
@@ -152,7 +149,48 @@ def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, com
     """The combine in one Triton kernel on a GPU (one read of the expert outputs), else the torch ops
     (``combine``: FastOptions.combine)."""
     use_kernel = out.dtype == torch.bfloat16 and uses_triton_combine(out.device, combine)
-    return _triton_combine()(out, pos, weights) if use_kernel else moe_combine_torch(out, pos, weights)
+    return _triton("moe_combine")(out, pos, weights) if use_kernel else moe_combine_torch(out, pos, weights)
+
+
+def swiglu_absmax_torch(a1: torch.Tensor, a3: torch.Tensor) -> torch.Tensor:
+    """max |silu(a1) * a3| as the plain path's w2 input quantizer sees it (torch's ops, each result in a1's dtype)."""
+    return torch.linalg.vector_norm(F.silu(a1) * a3, float("inf"))
+
+
+@functools.cache
+def triton_swiglu_is_exact(device: torch.device) -> bool:
+    """The Triton SwiGLU amax against torch's ops on fresh random data on ``device`` (8,192 maxima of 128 values,
+    magnitudes from 1e-4 to 300: exp's whole range and its overflow; a few milliseconds, once)."""
+    kernel = _triton("swiglu_absmax")
+    if kernel is None:
+        return False
+    gen = _fresh_generator(device)
+    scale = torch.logspace(-4, 2.5, 8192, device=device)[:, None]
+    a1, a3 = ((torch.randn(8192, 128, generator=gen, device=device) * scale).bfloat16() for _ in range(2))
+    try:
+        got = kernel(a1, a3, segment=128, block=128).view(torch.float32).to(torch.bfloat16)
+        return bool(torch.equal(got, torch.linalg.vector_norm(F.silu(a1) * a3, float("inf"), dim=1)))
+    except Exception:  # a kernel that does not compile or run here: the torch ops do the work
+        return False
+
+
+def uses_triton_swiglu(device: torch.device, swiglu: str) -> bool:
+    """Whether the all-experts w2 input amax on ``device`` is the Triton kernel's (``swiglu``: FastOptions.swiglu)."""
+    return device.type == "cuda" and (swiglu == "triton" or (swiglu == "auto" and triton_swiglu_is_exact(device)))
+
+
+def swiglu_maxima(inputs: list[torch.Tensor], w13: torch.Tensor, experts: list[int], use_kernel: bool) -> torch.Tensor:
+    """For each (tokens, expert) pair, max |silu(x w1^T) * (x w3^T)| in x's dtype: the w2 input amax of the plain
+    path's calls (its two F.linear calls per expert, then torch's ops, or one Triton kernel that reads the two
+    GEMM outputs once and writes nothing: bf16 only)."""
+    inter = w13.shape[1] // 2
+    if use_kernel:
+        bits = torch.zeros(len(experts), dtype=torch.int32, device=w13.device)
+        for i, (x, e) in enumerate(zip(inputs, experts)):
+            _triton("swiglu_absmax")(F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:]), out=bits[i:i + 1])
+        return bits.view(torch.float32).to(torch.bfloat16)
+    return torch.stack([swiglu_absmax_torch(F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:]))
+                        for x, e in zip(inputs, experts)])
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -208,49 +246,46 @@ def routed_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: to
     return moe_combine(out, pos.view(num_tokens, topk), weights, combine)
 
 
-def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> None:
+def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats, swiglu_kernel: bool = False) -> None:
     """All-experts statistics: every local expert's w1/w3 and w2 input amax over all tokens of ``x``.
 
     One expert at a time, with the plain path's own GEMM calls (all tokens times w1, then times w3, each an
     F.linear of the same shapes and layouts): the same kernels on the same operands give the same bits, and at
     thousands of tokens each GEMM fills the GPU anyway. (One GEMM over many experts' stacked weights changed
     some amax by up to 18% on an H200: benchmarks/NOTES.md.) The w2 GEMM is skipped: its output is discarded.
+    ``swiglu_kernel``: the SwiGLU's amax by the Triton kernel (``swiglu_maxima``).
     """
     if x.shape[0] == 0:
         return
-    n_local, two_inter, _ = w13.shape
-    inter = two_inter // 2
+    n_local = w13.shape[0]
     stats.w13[:n_local] = torch.maximum(stats.w13[:n_local], torch.linalg.vector_norm(x, float("inf")).float())
-    h_max = [torch.linalg.vector_norm(F.silu(F.linear(x, w13[e, :inter])) * F.linear(x, w13[e, inter:]), float("inf"))
-             for e in range(n_local)]
-    torch.maximum(stats.w2[:n_local], torch.stack(h_max).float(), out=stats.w2[:n_local])
+    h_max = swiglu_maxima([x] * n_local, w13, list(range(n_local)), swiglu_kernel)
+    torch.maximum(stats.w2[:n_local], h_max.float(), out=stats.w2[:n_local])
 
 
-def forced_token_stats(moe: MoE, x: torch.Tensor, forced: torch.Tensor, w13: torch.Tensor, stats: ExpertStats) -> None:
+def forced_token_stats(moe: MoE, x: torch.Tensor, forced: torch.Tensor, w13: torch.Tensor, stats: ExpertStats,
+                       swiglu_kernel: bool = False) -> None:
     """Partial forced routing's statistics: each local expert's w1/w3 and w2 input amax over the tokens that
     ``forced`` ([tokens, k] expert ids, all E) sends it, ascending, by the plain path's GEMM calls (its tokens
     times w1, then times w3, as ``all_token_stats``); one host sync per call, for the group sizes. With every
     expert forced these are all_token_stats' operands and results, bit for bit."""
     k = forced.shape[1]
-    n_local, two_inter, _ = w13.shape
-    inter = two_inter // 2
+    n_local = w13.shape[0]
     local = (forced >= moe.experts_start) & (forced < moe.experts_end)
     segment = torch.where(local, forced - moe.experts_start, n_local).flatten()
     order = torch.argsort(segment, stable=True)  # by expert, tokens ascending within one (as torch.where gives)
     sizes = torch.zeros(n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(0, segment, torch.ones_like(segment))
-    seen, x_max, h_max = [], [], []
+    seen, inputs = [], []
     for e, rows in enumerate((order // k).split(sizes.tolist())[:n_local]):
         if rows.numel() == 0:
             continue  # no token: its calibrators stay as they are (the plain path makes no call)
-        xe = x.index_select(0, rows)
         seen.append(e)
-        x_max.append(torch.linalg.vector_norm(xe, float("inf")))
-        h_max.append(torch.linalg.vector_norm(F.silu(F.linear(xe, w13[e, :inter])) * F.linear(xe, w13[e, inter:]),
-                                              float("inf")))
+        inputs.append(x.index_select(0, rows))
     if seen:
         slots = torch.tensor(seen, device=x.device)
-        stats.w13[slots] = torch.maximum(stats.w13[slots], torch.stack(x_max).float())
-        stats.w2[slots] = torch.maximum(stats.w2[slots], torch.stack(h_max).float())
+        x_max = torch.stack([torch.linalg.vector_norm(xe, float("inf")) for xe in inputs])
+        stats.w13[slots] = torch.maximum(stats.w13[slots], x_max.float())
+        stats.w2[slots] = torch.maximum(stats.w2[slots], swiglu_maxima(inputs, w13, seen, swiglu_kernel).float())
 
 
 class FastMoE:
@@ -264,6 +299,7 @@ class FastMoE:
         self.experts_ratio = experts_ratio
         self.grouped = options.grouped(moe.token_counts.is_cuda)
         self.combine = options.combine
+        self.swiglu = options.swiglu
         self.stats = ExpertStats.empty(moe.experts_end - moe.experts_start, moe.token_counts.device)
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = weights
         self.dtype: torch.dtype | None = None
@@ -281,12 +317,13 @@ class FastMoE:
         """``MoE.routed``'s signature and output; the expert statistics go into ``self.stats``."""
         self.dtype = x.dtype
         w13, w2 = self.weights()
+        swiglu_kernel = x.dtype == torch.bfloat16 and uses_triton_swiglu(x.device, self.swiglu)
         if self.experts_ratio is not None:
             forced = forced_experts(self.moe, x, self.experts_ratio)
             if forced is not None:
-                forced_token_stats(self.moe, x, forced, w13, self.stats)
+                forced_token_stats(self.moe, x, forced, w13, self.stats, swiglu_kernel)
         elif self.all_experts:
-            all_token_stats(x, w13, self.stats)
+            all_token_stats(x, w13, self.stats, swiglu_kernel)
         return routed_forward(self.moe, x, weights, indices, w13, w2, self.stats, self.grouped, self.combine)
 
     def flush(self) -> None:

@@ -30,11 +30,15 @@ class FastOptions:
     ``combine``: the per-token sum of the expert outputs; "auto": the Triton kernel on a GPU where a check on
     random data finds it bit-identical to the torch ops (once per device), else the torch ops; "triton" /
     "torch" force one.
+    ``swiglu``: the w2 input amax of all-experts and forced routing (every local expert's SwiGLU over its
+    statistics tokens, whose w2 GEMM is skipped), "auto" / "triton" / "torch" as ``combine``: the Triton kernel
+    reads the two GEMM outputs once and writes nothing, where torch's ops make three passes and two temporaries.
     ``grouped_gpu`` / ``grouped_cpu``: the grouped-GEMM layout on each kind of device.
     """
 
     keep_weights: bool | None = None
     combine: Literal["auto", "triton", "torch"] = "auto"
+    swiglu: Literal["auto", "triton", "torch"] = "auto"
     grouped_gpu: Grouped = field(default_factory=Grouped)
     grouped_cpu: Grouped = field(default_factory=Grouped)
     reserve_bytes: int = 12 << 30  # device memory left free for activations when deciding what to keep
