@@ -1,39 +1,41 @@
 #!/usr/bin/env bash
 # Issues 16 and 19 on one GPU (figures in benchmarks/NOTES.md), two device calls (carry .whl: modelopt, hydra,
 # omegaconf... as py3.12 wheels):
-#   run: PART=A bash benchmarks/final_gpu.sh   the GPU tests (the SwiGLU amax kernel, resume with the hidden states
-#        on the host); the kernel against torch's ops at 671B shapes; resident vs streamed amax on 4 layers of 671B
-#        geometry (top-k, hidden states on the device and on the host); all-experts on 6 layers, 1024 x 512 tokens
-#   run: PART=B bash benchmarks/final_gpu.sh   issue 19 on the GPU: the tiny default's static-block recipes (their
-#        amax come back, to compare with the CPU backend's), then each recipe on 2 layers of 671B geometry
+#   run: PART=A bash benchmarks/final_gpu.sh   (H100 or H200) the GPU tests (the SwiGLU amax kernel, resume with
+#        the hidden states on the host, the static-block backend against modelopt's kernel); the kernel against
+#        torch's ops at 671B shapes; the tiny default's static-block recipes (their amax come back, to compare with
+#        the CPU backend's runs); each recipe on 2 layers of 671B geometry against the default
+#   run: PART=B bash benchmarks/final_gpu.sh   (H200: the resident run needs 110 GB) resident vs streamed amax on 4
+#        layers of 671B geometry (top-k; hidden states on the device and on the host); all-experts on 6 layers,
+#        1024 x 512 tokens, 16 sequences a batch, hidden states on the host
 set -u
-STOP_AFTER=${STOP_AFTER:-520}
+STOP_AFTER=${STOP_AFTER:-540}
 . benchmarks/device_lib.sh
 SLICE="model=ds_v3_slice data.seq_len=512 data.batch_size=8"
 if [ "${PART:-A}" = A ]; then
-  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_fast_path.py \
+  step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_fast_path.py \
     tests/test_triton_kernels.py tests/test_layerwise.py tests/test_nvfp4_static.py tests/test_span_reader.py
   grep -E "passed|failed|FAILED|Error|SKIP" "$RUNS/gpu_tests.log" | tail -20 > "$OUT/gpu_tests.txt"
-  step bench_swiglu 60 python3 scripts/bench_swiglu.py --out "$OUT/bench_swiglu.json"
-  run slice4_resident_topk 100 $SLICE data.num_samples=64 calib=topk
-  run slice4_streamed_topk 100 $SLICE data.num_samples=64 calib=topk calib.layerwise=true
-  run slice4_streamed_topk_host 100 $SLICE data.num_samples=64 calib=topk calib.layerwise=true calib.hidden_on_host=true
-  run l6_all_experts_b16_host 110 model=ds_v3_slice data.seq_len=512 data.batch_size=16 data.num_samples=1024 \
-    model.n_layers=6 model.n_dense_layers=3 calib=all_experts calib.layerwise=true calib.resume_every=0 \
-    calib.hidden_on_host=true
-  cp "$RUNS/l6_all_experts_b16_host/stats/layers.csv" "$OUT/l6_all_experts_b16_host_layers.csv" 2>/dev/null
-else
-  # The tiny default model, as the CPU runs of the same recipes (default text data): amax back in one archive.
-  for q in nvfp4_mse nvfp4_4o6 nvfp4_local_hessian; do
-    step "tiny_$q" 150 python3 -m deepseek_ptq logger=none parallel.device=cuda quant=$q eval.num_samples=256 \
+  step bench_swiglu 50 python3 scripts/bench_swiglu.py --out "$OUT/bench_swiglu.json"
+  # The tiny default model with its default text data, as the CPU runs of the same recipes: amax back in one archive.
+  for q in nvfp4_4o6 nvfp4_mse nvfp4_local_hessian; do
+    step "tiny_$q" 100 python3 -m deepseek_ptq logger=none parallel.device=cuda quant=$q eval.num_samples=256 \
       hydra.run.dir="$RUNS/tiny_$q"
   done
   (cd "$RUNS" && tar czf "$OUT/tiny_static_gpu.tgz" tiny_*/amax tiny_*/metrics.json tiny_*/run.log 2>/dev/null)
   TWO="$SLICE model.n_layers=2 model.n_dense_layers=1 data.num_samples=32"
-  for q in nvfp4 nvfp4_experts nvfp4_routed_fp8_shared nvfp4_4o6 nvfp4_local_hessian nvfp4_mse; do
-    run "r_$q" 120 $TWO quant=$q
+  for q in nvfp4 nvfp4_experts nvfp4_routed_fp8_shared nvfp4_4o6 nvfp4_mse nvfp4_local_hessian; do
+    run "r_$q" 60 $TWO quant=$q
   done
-  run r_ratio_0.5 60 $TWO quant=nvfp4 calib.experts_ratio=0.5
+  run r_ratio_0.5 40 $TWO quant=nvfp4 calib.experts_ratio=0.5
+else
+  run slice4_resident_topk 100 $SLICE data.num_samples=64 calib=topk
+  run slice4_streamed_topk 100 $SLICE data.num_samples=64 calib=topk calib.layerwise=true
+  run slice4_streamed_topk_host 100 $SLICE data.num_samples=64 calib=topk calib.layerwise=true calib.hidden_on_host=true
+  run l6_all_experts_b16_host 120 model=ds_v3_slice data.seq_len=512 data.batch_size=16 data.num_samples=1024 \
+    model.n_layers=6 model.n_dense_layers=3 calib=all_experts calib.layerwise=true calib.resume_every=0 \
+    calib.hidden_on_host=true
+  cp "$RUNS/l6_all_experts_b16_host/stats/layers.csv" "$OUT/l6_all_experts_b16_host_layers.csv" 2>/dev/null
 fi
-python3 benchmarks/layerwise_results.py "$RUNS" > "$OUT/results.json"; tail -c 2500 "$OUT/results.json"
+python3 benchmarks/layerwise_results.py "$RUNS" > "$OUT/results.json"; tail -c 3000 "$OUT/results.json"
 cat "$OUT/steps.txt"
