@@ -4,6 +4,7 @@
 # A step that would start after $STOP_AFTER seconds (default: never) is skipped, so the call ends in its limit.
 OUT=${OUT:-device_out}
 RUNS=${RUNS:-/tmp/device_runs}
+rm -rf "$RUNS"  # a warm machine keeps the last call's runs: each run folder must be new
 mkdir -p "$OUT" "$RUNS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions

@@ -13,9 +13,10 @@ STOP_AFTER=${STOP_AFTER:-540}
 . benchmarks/device_lib.sh
 SLICE="model=ds_v3_slice data.seq_len=512 data.batch_size=8"
 if [ "${PART:-A}" = A ]; then
-  step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_fast_path.py \
-    tests/test_triton_kernels.py tests/test_layerwise.py tests/test_nvfp4_static.py tests/test_span_reader.py
-  grep -E "passed|failed|FAILED|Error|SKIP" "$RUNS/gpu_tests.log" | tail -20 > "$OUT/gpu_tests.txt"
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/test_fast_path.py \
+    tests/test_triton_kernels.py tests/test_nvfp4_static.py tests/test_span_reader.py
+  step gpu_tests_layerwise 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs --durations=5 tests/test_layerwise.py
+  grep -hE "passed|failed|FAILED|Error|SKIP|[0-9.]+s (call|setup)" "$RUNS"/gpu_tests*.log > "$OUT/gpu_tests.txt"
   step bench_swiglu 50 python3 scripts/bench_swiglu.py --out "$OUT/bench_swiglu.json"
   # The tiny default model with its default text data, as the CPU runs of the same recipes: amax back in one archive.
   for q in nvfp4_4o6 nvfp4_mse nvfp4_local_hessian; do

@@ -297,10 +297,11 @@ def test_gpu_swiglu_amax_bit_identical_to_torch_ops():
     assert fast_moe.triton_swiglu_is_exact(dev) and fast_moe.uses_triton_swiglu(dev, "auto")
     scale = torch.logspace(-6, 3, 65536, device=dev)[torch.randperm(65536, generator=gen, device=dev), None]
     a1, a3 = ((torch.randn(65536, 128, generator=gen, device=dev) * scale).bfloat16() for _ in range(2))
-    got = triton_kernels.swiglu_absmax(a1, a3, segment=128, block=128).view(torch.float32).to(torch.bfloat16)
+    got = triton_kernels.swiglu_absmax(a1, a3, segment_rows=1, block_rows=1, block_cols=128)
+    got = got.view(torch.float32).to(torch.bfloat16)
     assert torch.equal(got, torch.linalg.vector_norm(torch.nn.functional.silu(a1) * a3, float("inf"), dim=1))
-    for rows in (1, 7, 8192):  # whole tensors, the last block partly masked
-        x1, x3 = a1[:rows, :100].contiguous(), a3[:rows, :100].contiguous()
+    for rows in (1, 7, 8192):  # whole matrices, strided (a GEMM output's halves), the last blocks partly masked
+        x1, x3 = a1[:rows, :100], a3[:rows, 28:]
         whole = triton_kernels.swiglu_absmax(x1, x3).view(torch.float32).to(torch.bfloat16)
         assert torch.equal(whole[0], fast_moe.swiglu_absmax_torch(x1, x3)), rows
     for bad in (float("nan"), float("inf")):
@@ -314,9 +315,16 @@ def test_gpu_swiglu_amax_bit_identical_to_torch_ops():
     x = torch.randn(300, TINY.dim, device=dev, generator=gen).bfloat16()
     w13, _ = fast_moe.stacked_expert_weights(moe)
     stats = [fast_moe.ExpertStats.empty(TINY.n_routed_experts, dev) for _ in range(2)]
-    fast_moe.all_token_stats(x, w13, stats[0], swiglu_kernel=True)
+    fast_moe.all_token_stats(x, w13, stats[0], swiglu_kernel=True)  # one GEMM over [w1; w3] where it is exact
     fast_moe.all_token_stats(x, w13, stats[1], swiglu_kernel=False)
     assert torch.equal(stats[0].w2, stats[1].w2) and torch.equal(stats[0].w13, stats[1].w13)
+    inter = w13.shape[1] // 2
+    split = fast_moe.swiglu_maxima([x] * 3, w13, [0, 1, 2], use_kernel=True, fused=False)
+    fused = fast_moe.swiglu_maxima([x] * 3, w13, [0, 1, 2], use_kernel=True, fused=True)
+    whole = torch.nn.functional.linear(x, w13[0])
+    if torch.equal(whole[:, :inter], torch.nn.functional.linear(x, w13[0, :inter])) and torch.equal(
+            whole[:, inter:], torch.nn.functional.linear(x, w13[0, inter:])):
+        assert fast_moe.fused_w13_is_exact(x, w13) and torch.equal(split, fused)
 
 
 @pytest.mark.gpu

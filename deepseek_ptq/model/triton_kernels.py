@@ -300,12 +300,14 @@ def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, blo
 
 
 @triton.jit
-def _swiglu_absmax_kernel(a1_ptr, a3_ptr, out_ptr, n, segment_blocks, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(a1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(a3_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_absmax_kernel(a1_ptr, a3_ptr, out_ptr, rows, cols, stride1, stride3, segment_blocks,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pr = tl.program_id(0)
+    r = (pr * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    x = tl.load(a1_ptr + r[:, None] * stride1 + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(a3_ptr + r[:, None] * stride3 + c[None, :], mask=mask, other=0.0).to(tl.float32)
     # torch's silu on bf16: x / (1 + exp(-x)) in float32 (CUDA's expf, an IEEE division), rounded to bf16
     s = tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
     s = tl.where(s == s, _round_to_bf16(s), s)  # a NaN stays NaN (the bit rounding could carry it to -0)
@@ -313,28 +315,31 @@ def _swiglu_absmax_kernel(a1_ptr, a3_ptr, out_ptr, n, segment_blocks, BLOCK: tl.
     # rounded products is the rounded max: the caller rounds once. Non-negative floats order as their bits,
     # and a NaN's bits (sign cleared by abs) sit above inf's: the max propagates NaN as torch's does.
     bits = tl.abs(s * g).to(tl.int32, bitcast=True)
-    tl.atomic_max(out_ptr + pid // segment_blocks, tl.max(bits, axis=0))
+    tl.atomic_max(out_ptr + pr // segment_blocks, tl.max(tl.max(bits, axis=1), axis=0))
 
 
-def swiglu_absmax(a1: torch.Tensor, a3: torch.Tensor, out: torch.Tensor | None = None, segment: int | None = None,
-                  block: int = 4096) -> torch.Tensor:
+def swiglu_absmax(a1: torch.Tensor, a3: torch.Tensor, out: torch.Tensor | None = None,
+                  segment_rows: int | None = None, block_rows: int = 8, block_cols: int = 512) -> torch.Tensor:
     """max |silu(a1) * a3| with torch's bf16 rounding (each op's result rounded to bf16), as float32 bits
     (int32) folded into ``out`` by an atomic max; ``out`` starts at 0 (the bits of +0.0), or a new one is made.
 
-    ``segment``: a max per ``segment`` consecutive elements (a multiple of ``block``; default: one for all),
-    ``out[i]`` taking elements [i * segment, (i + 1) * segment). Read the result as
+    a1, a3: bf16 [rows, cols] with unit column stride (the two halves of one [w1; w3] GEMM output will do).
+    ``segment_rows``: a max per ``segment_rows`` consecutive rows (a multiple of ``block_rows``; default: one for
+    all), ``out[i]`` taking rows [i * segment_rows, (i + 1) * segment_rows). Read the result as
     ``out.view(torch.float32).to(torch.bfloat16)``: the bf16 value torch's ops give."""
-    if a1.dtype != torch.bfloat16 or a3.dtype != torch.bfloat16 or a1.shape != a3.shape:
-        raise ValueError("swiglu_absmax takes two bf16 tensors of one shape")
-    if not (a1.is_contiguous() and a3.is_contiguous()):
-        raise ValueError("swiglu_absmax takes contiguous tensors")
-    n = a1.numel()
-    programs = triton.cdiv(n, block)
-    segment = segment or max(programs, 1) * block
-    if segment % block:
-        raise ValueError(f"segment {segment} is not a multiple of block {block}")
+    if a1.dtype != torch.bfloat16 or a3.dtype != torch.bfloat16 or a1.shape != a3.shape or a1.dim() != 2:
+        raise ValueError("swiglu_absmax takes two bf16 matrices of one shape")
+    if a1.stride(1) != 1 or a3.stride(1) != 1:
+        raise ValueError("swiglu_absmax takes matrices with unit column stride")
+    rows, cols = a1.shape
+    row_blocks = triton.cdiv(rows, block_rows)
+    segment_rows = segment_rows or max(row_blocks, 1) * block_rows
+    if segment_rows % block_rows:
+        raise ValueError(f"segment_rows {segment_rows} is not a multiple of block_rows {block_rows}")
     if out is None:
-        out = torch.zeros(triton.cdiv(max(n, 1), segment), dtype=torch.int32, device=a1.device)
-    if n:
-        _swiglu_absmax_kernel[(programs,)](a1, a3, out, n, segment // block, BLOCK=block, num_warps=8)
+        out = torch.zeros(triton.cdiv(max(rows, 1), segment_rows), dtype=torch.int32, device=a1.device)
+    if rows and cols:
+        grid = (row_blocks, triton.cdiv(cols, block_cols))
+        _swiglu_absmax_kernel[grid](a1, a3, out, rows, cols, a1.stride(0), a3.stride(0), segment_rows // block_rows,
+                                    BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=8)
     return out
