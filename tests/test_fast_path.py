@@ -315,16 +315,9 @@ def test_gpu_swiglu_amax_bit_identical_to_torch_ops():
     x = torch.randn(300, TINY.dim, device=dev, generator=gen).bfloat16()
     w13, _ = fast_moe.stacked_expert_weights(moe)
     stats = [fast_moe.ExpertStats.empty(TINY.n_routed_experts, dev) for _ in range(2)]
-    fast_moe.all_token_stats(x, w13, stats[0], swiglu_kernel=True)  # one GEMM over [w1; w3] where it is exact
+    fast_moe.all_token_stats(x, w13, stats[0], swiglu_kernel=True)
     fast_moe.all_token_stats(x, w13, stats[1], swiglu_kernel=False)
     assert torch.equal(stats[0].w2, stats[1].w2) and torch.equal(stats[0].w13, stats[1].w13)
-    inter = w13.shape[1] // 2
-    split = fast_moe.swiglu_maxima([x] * 3, w13, [0, 1, 2], use_kernel=True, fused=False)
-    fused = fast_moe.swiglu_maxima([x] * 3, w13, [0, 1, 2], use_kernel=True, fused=True)
-    whole = torch.nn.functional.linear(x, w13[0])
-    if torch.equal(whole[:, :inter], torch.nn.functional.linear(x, w13[0, :inter])) and torch.equal(
-            whole[:, inter:], torch.nn.functional.linear(x, w13[0, inter:])):
-        assert fast_moe.fused_w13_is_exact(x, w13) and torch.equal(split, fused)
 
 
 @pytest.mark.gpu

@@ -179,38 +179,15 @@ def uses_triton_swiglu(device: torch.device, swiglu: str) -> bool:
     return device.type == "cuda" and (swiglu == "triton" or (swiglu == "auto" and triton_swiglu_is_exact(device)))
 
 
-_FUSED_W13_EXACT: dict[tuple, bool] = {}
-
-
-def fused_w13_is_exact(x: torch.Tensor, w13: torch.Tensor) -> bool:
-    """Whether one GEMM over an expert's stacked [w1; w3] gives the plain path's two GEMMs' bits at these shapes on
-    this device: cuBLAS picks its kernel by shape, so checked once per shape, on these tokens and the first
-    expert (one host sync). It was on an H100 at 671B's shapes, and 3.6% faster (benchmarks/NOTES.md)."""
-    key = (x.device, x.dtype, tuple(x.shape), tuple(w13.shape[1:]))
-    if key not in _FUSED_W13_EXACT:
-        inter = w13.shape[1] // 2
-        fused = F.linear(x, w13[0])
-        _FUSED_W13_EXACT[key] = bool(torch.equal(fused[:, :inter], F.linear(x, w13[0, :inter]))
-                                     and torch.equal(fused[:, inter:], F.linear(x, w13[0, inter:])))
-    return _FUSED_W13_EXACT[key]
-
-
-def swiglu_maxima(inputs: list[torch.Tensor], w13: torch.Tensor, experts: list[int], use_kernel: bool,
-                  fused: bool = False) -> torch.Tensor:
+def swiglu_maxima(inputs: list[torch.Tensor], w13: torch.Tensor, experts: list[int], use_kernel: bool) -> torch.Tensor:
     """For each (tokens, expert) pair, max |silu(x w1^T) * (x w3^T)| in x's dtype: the w2 input amax of the plain
     path's calls (its two F.linear calls per expert, then torch's ops, or one Triton kernel that reads the two
-    GEMM outputs once and writes nothing: bf16 only). ``fused``: with the kernel, one GEMM over [w1; w3] (only
-    where ``fused_w13_is_exact`` says it gives the two GEMMs' bits)."""
+    GEMM outputs once and writes nothing: bf16 only)."""
     inter = w13.shape[1] // 2
     if use_kernel:
         bits = torch.zeros(len(experts), dtype=torch.int32, device=w13.device)
         for i, (x, e) in enumerate(zip(inputs, experts)):
-            if fused:
-                a = F.linear(x, w13[e])
-                a1, a3 = a[:, :inter], a[:, inter:]
-            else:
-                a1, a3 = F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:])
-            _triton("swiglu_absmax")(a1, a3, out=bits[i:i + 1])
+            _triton("swiglu_absmax")(F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:]), out=bits[i:i + 1])
         return bits.view(torch.float32).to(torch.bfloat16)
     return torch.stack([swiglu_absmax_torch(F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:]))
                         for x, e in zip(inputs, experts)])
@@ -276,15 +253,14 @@ def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats, swig
     F.linear of the same shapes and layouts): the same kernels on the same operands give the same bits, and at
     thousands of tokens each GEMM fills the GPU anyway. (One GEMM over many experts' stacked weights changed
     some amax by up to 18% on an H200: benchmarks/NOTES.md.) The w2 GEMM is skipped: its output is discarded.
-    ``swiglu_kernel``: the SwiGLU's amax by the Triton kernel, after one GEMM over [w1; w3] where that gives the
-    two GEMMs' bits (``swiglu_maxima``). Forced routing's token counts change every call: there two GEMMs.
+    ``swiglu_kernel``: the SwiGLU's amax by the Triton kernel (``swiglu_maxima``). (One GEMM over an expert's
+    [w1; w3] gave the two GEMMs' bits on an H100 but was not faster in both of two timings: benchmarks/NOTES.md.)
     """
     if x.shape[0] == 0:
         return
     n_local = w13.shape[0]
     stats.w13[:n_local] = torch.maximum(stats.w13[:n_local], torch.linalg.vector_norm(x, float("inf")).float())
-    fused = swiglu_kernel and fused_w13_is_exact(x, w13)
-    h_max = swiglu_maxima([x] * n_local, w13, list(range(n_local)), swiglu_kernel, fused)
+    h_max = swiglu_maxima([x] * n_local, w13, list(range(n_local)), swiglu_kernel)
     torch.maximum(stats.w2[:n_local], h_max.float(), out=stats.w2[:n_local])
 
 
