@@ -17,7 +17,12 @@ The arithmetic is the kernel's, step by step:
 * per element as ``nvfp4_scalar_quant``: ``|x| / scale`` (float32; a zero, NaN or infinite scale divides by 1)
   rounded to the E2M1 magnitudes with the kernel's thresholds (<= 0.25 -> 0, < 0.75 -> 0.5, <= 1.25 -> 1,
   < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3, <= 5 -> 4, else 6: ties to even; NaN -> 6), times the scale, the
-  sign of ``x >= 0``; a block whose scale is 0 gives zeros; cast to ``out_dtype``.
+  sign of ``x >= 0`` (a zero result is +0.0); a block whose scale is 0 gives zeros; cast to ``out_dtype``.
+
+On a GPU the kernel's float32 division is not IEEE's (PTX ``div.full.f32``, within 2 ulp): where ``|x| / scale``
+lands within a few ulp of a threshold the kernel can round to the neighbouring E2M1 value. fp32 inputs met none
+such on an H100; bf16 and fp16 inputs up to 172 of 131,072 elements (benchmarks/NOTES.md). Bit-exact against the
+kernel's arithmetic as Triton 3.6's interpreter runs it (IEEE division; tests/test_nvfp4_static.py).
 
 Block k is elements [k * B, (k + 1) * B) of the flattened input, B = numel / amax.numel(), as in the kernel.
 """
@@ -75,8 +80,9 @@ def _qdq(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.
     zero = s == 0.0
     safe = torch.where(zero | torch.isnan(s) | torch.isinf(s), torch.ones_like(s), s)
     q = _e2m1_magnitude(xf.abs() / safe) * safe
-    # The kernel's where(x >= 0, q, -q): the sign bit set for x < 0 and NaN, not for -0.0.
-    negative = torch.logical_not(xf >= 0).view(torch.uint8).to(torch.int32) << 31
+    # The kernel's where(x >= 0, q, -q): the sign bit set for x < 0 and NaN, not for -0.0, and not where q is
+    # 0 (Triton negates as 0 - q: +0.0, on an H100 and in Triton 3.6's interpreter alike).
+    negative = (torch.logical_not(xf >= 0) & (q != 0)).view(torch.uint8).to(torch.int32) << 31
     out = (q.view(torch.int32) | negative).view(torch.float32)
     if bool(zero.any()):  # a block whose scale is 0 is all +0.0
         out = out.masked_fill(zero, 0.0)
