@@ -106,6 +106,17 @@ def test_every_run_reports_peak_memory(tmp_path, cache_dir):
 
 
 @pytest.mark.slow  # two spawned ranks, twice
+def test_peak_rss_is_the_runs_own_not_its_starters():
+    """A process started by a large one (a test worker, a notebook) reports its own peak: Linux carries ru_maxrss
+    across exec, which made two runs of 0.8 and 1.4 GB both read the pytest worker's 1.36 GB."""
+    ballast = bytearray(600 << 20)  # 600 MB resident in this process
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = "from deepseek_ptq.observe.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert int(child.stdout.split()[-1]) < len(ballast) / 2, child.stdout
+    del ballast
+
+
 def test_streamed_run_equals_resident_run_at_w2(tmp_path, cache_dir):
     resident, streamed = tmp_path / "resident", tmp_path / "streamed"
     for run_dir, extra in ((resident, []), (streamed, ["calib.layerwise=true"])):

@@ -17,13 +17,26 @@ def reset_peaks(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory since it started its program. Linux: VmHWM of /proc/self/status.
+    Not ru_maxrss there: Linux carries that across exec, so a run started by a large process (a test worker, a
+    notebook) reported the starter's peak (two runs of 0.8 and 1.4 GB both read 1.36 GB under pytest)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def peaks(device: torch.device) -> dict[str, float | None]:
     """This process's peak GPU memory allocated since ``reset_peaks`` and its peak resident host memory (the
     process's lifetime peak: in an in-process sweep, that of every job so far), in GB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
     gpu = torch.cuda.max_memory_allocated(device) / _GB if device.type == "cuda" else None
-    return {"peak_gpu_gb": gpu, "peak_rss_gb": rss_bytes / _GB}
+    return {"peak_gpu_gb": gpu, "peak_rss_gb": peak_rss_bytes() / _GB}
 
 
 def per_rank(peaks_of_ranks: Iterable[dict[str, float | None]]) -> dict[str, Any]:
