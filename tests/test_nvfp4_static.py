@@ -169,13 +169,17 @@ def test_bit_exact_vs_modelopts_kernel_under_triton_interpreter(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_matches_modelopts_kernel(dtype):
-    """On CUDA the dispatcher hands the call to modelopt's kernel; the torch implementation there agrees with it."""
+    """On CUDA the dispatcher hands the call to modelopt's kernel. The torch implementation there agrees with it
+    bit for bit except where the kernel's float32 division (PTX div.full.f32: within 2 ulp, not IEEE) puts
+    |x| / scale on the other side of an E2M1 decision threshold. Seen on an H100 (modelopt 0.47, Triton 3.6):
+    no such element for fp32 inputs, up to 172 of 131,072 for bf16 and fp16 ones (benchmarks/NOTES.md)."""
     pytest.importorskip("triton")
     from modelopt.torch.quantization.nn.modules import tensor_quantizer
     from modelopt.torch.quantization.tensor_quant import static_blockwise_fp4_fake_quant as kernel
 
     nvfp4_static_cpu.register()
     assert tensor_quantizer.static_blockwise_fp4_fake_quant.modelopt_kernel is kernel
+    thresholds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device="cuda")
     for kind in ("data", "outliers", "zeros", "fp8_candidates", "underflow", "clipped"):
         x, amax = case((256, 512), dtype, kind)
         x, amax = x.cuda(), amax.cuda()
@@ -183,7 +187,15 @@ def test_gpu_matches_modelopts_kernel(dtype):
             ref = kernel(x, amax, amax.max(), True, m, dtype, False)
             assert torch.equal(tensor_quantizer.static_blockwise_fp4_fake_quant(x, amax, amax.max(), True, m, dtype,
                                                                                False), ref)
-            assert torch.equal(bits(static_fp4_fake_quant(x, amax, amax.max(), True, m, dtype)), bits(ref)), kind
+            differ = bits(static_fp4_fake_quant(x, amax, amax.max(), True, m, dtype)) != bits(ref)
+            if dtype == torch.float32:
+                assert not differ.any(), (kind, m, int(differ.sum()))
+                continue
+            scale = nvfp4_static_cpu.block_scales(amax, amax.max(), True, m).reshape(-1, 1)
+            ratio = (x.float().reshape(scale.numel(), -1).abs() / scale).reshape(-1, 1)
+            near = ((ratio - thresholds).abs() <= 4 * thresholds * 2.0**-23).any(-1)  # within 4 ulp of one
+            assert near[differ.reshape(-1)].all(), (kind, m, int(differ.sum()))
+            assert differ.sum() <= 0.01 * differ.numel(), (kind, m, int(differ.sum()))
 
 
 # -------------------------------------------------------------------------------------- the recipes end to end
