@@ -9,19 +9,9 @@
 #                                                  16 sequences a batch with the hidden states on the host
 # (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels). Results: $OUT/steps.txt, $OUT/results.json.
 set -u
-OUT=${OUT:-layerwise_gpu}
-RUNS=${RUNS:-/tmp/layerwise_runs}
-mkdir -p "$OUT" "$RUNS"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
-step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  timeout "$limit" "$@" > "$RUNS/$name.log" 2>&1; local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; tail -4 "$RUNS/$name.log"; }
-run() { local name=$1 limit=$2; shift 2
-  step "$name" "$limit" python3 -m deepseek_ptq logger=none parallel.device=cuda data=synthetic \
-    hydra.run.dir="$RUNS/$name" "$@"; }
+OUT=${OUT:-layerwise_gpu} RUNS=${RUNS:-/tmp/layerwise_runs}
+. benchmarks/device_lib.sh
 SLICE="model=ds_v3_slice data.seq_len=512 data.batch_size=8"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/steps.txt"
 if [ "${PART:-A}" = A ]; then
   step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_layerwise.py \
     -k "gpu or reused or nvfp4-topk or fp8-all_experts-plain"

@@ -4,19 +4,8 @@
 # 4 batches of 8 x 512 tokens, timed against the default. Steps that would start after 470 s are skipped.
 #   run: bash benchmarks/recipes_gpu.sh     (carry .whl: modelopt, hydra, omegaconf... as py3.12 wheels)
 set -u
-OUT=${OUT:-recipes_gpu}
-RUNS=${RUNS:-/tmp/recipes_runs}
-mkdir -p "$OUT" "$RUNS"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
-step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  if [ $SECONDS -gt 470 ]; then echo "$name skipped (time)" | tee -a "$OUT/steps.txt"; return; fi
-  timeout "$limit" "$@" > "$RUNS/$name.log" 2>&1; local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; tail -3 "$RUNS/$name.log"; }
-run() { local name=$1 limit=$2; shift 2
-  step "$name" "$limit" python3 -m deepseek_ptq logger=none parallel.device=cuda data=synthetic \
-    hydra.run.dir="$RUNS/$name" "$@"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/steps.txt"
+OUT=${OUT:-recipes_gpu} RUNS=${RUNS:-/tmp/recipes_runs} STOP_AFTER=${STOP_AFTER:-470}
+. benchmarks/device_lib.sh
 step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/
 grep -E "passed|failed|FAILED|Error" "$RUNS/gpu_tests.log" | tail -15 > "$OUT/gpu_tests.txt"
 SLICE="model=ds_v3_slice data.seq_len=512 data.batch_size=8"
