@@ -79,3 +79,47 @@ def write_json(path: Path, data: Any) -> None:
             json.dump(data, f, indent=2, default=str)
             f.write("\n")
     atomic_write(path, dump)
+
+
+class _WriteErrors:
+    """A binary file that keeps the OSError of a write the file system refused. torch.save reports a short or
+    failed write only as its zip writer's RuntimeError ("unexpected pos 475840 vs 475728"), naming neither the
+    file nor the cause; a buffered file reports a full disk first as a short write, so the rest is written again,
+    which raises."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += self._f.write(view[done:])
+        except OSError as err:
+            self.error = err
+            raise
+        return done
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)``, except that a write the file system refuses (a full disk, a file-size limit)
+    raises its OSError (ENOSPC, EFBIG) instead of torch's RuntimeError."""
+    import torch
+
+    with open(path, "wb") as f:
+        out = _WriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except Exception:
+            if out.error is not None:
+                raise out.error from None
+            raise
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -200,6 +201,40 @@ def test_run_killed_mid_stream_resumes_to_the_same_amax(tmp_path, cache_dir, whe
     assert m["status"] == "ok" and m["layerwise"]["resumed_from_layer"] >= 2
     assert_same_run(whole, run_dir)
     assert not (run_dir / "resume").exists()
+
+
+@pytest.mark.slow  # four streamed runs
+def test_a_full_disk_fails_clearly_and_keeps_the_last_state(tmp_path, cache_dir):
+    """A write of the resume state that the file system refuses (here a file-size limit: EFBIG, as ENOSPC would
+    be for a full disk) fails the run with one clear error; the state of the layer before stays, and a resume from
+    it finishes with the uninterrupted run's numbers."""
+    overrides = [*EVAL, "calib=all_experts", "calib.layerwise=true", "logger=none"]
+    whole = run_job(tmp_path / "whole", overrides)
+    # The sizes of the states after layers 1 and 2, from a run killed after writing them.
+    sizes_dir = tmp_path / "sizes"
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={sizes_dir}", *with_fast(overrides)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _wait_for(sizes_dir / "resume", "rank0-mp1-layer0002.pt")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    first, second = (os.path.getsize(sizes_dir / "resume" / f"rank0-mp1-layer000{k}.pt") for k in (1, 2))
+    assert first < second
+    limit = (first + second) // 2
+    run_dir = tmp_path / "full"
+    result = subprocess.run(
+        [sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast(overrides)],
+        capture_output=True, text=True, timeout=240,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert_failed(result, run_dir, "cannot write the resume state", "free disk space")
+    assert result.stderr.count("[ERROR]") == 1, result.stderr[-2000:]
+    kept = sorted(p.name for p in (run_dir / "resume").iterdir())
+    assert kept == ["rank0-mp1-layer0001.pt"], kept  # no partial file beside it
+    result = cli(run_dir, *overrides, "calib.resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(run_dir)["layerwise"]["resumed_from_layer"] == 1
+    assert_same_run(whole, run_dir)
 
 
 @pytest.mark.slow  # two subprocess runs of a 24-layer model

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.files import atomic_write
+from deepseek_ptq.files import atomic_write, torch_save
 from deepseek_ptq.pipeline.rundir import FREE_ON_RESUME
 
 RESUME_DIR = "resume"
@@ -76,7 +76,7 @@ def save(run_dir: Path, rank: int, world_size: int, digest: str, state: StreamSt
                "hidden": [h.cpu() for h in state.hidden], "heldout_ref": [h.cpu() for h in state.heldout_ref],
                "heldout_quant": [h.cpu() for h in state.heldout_quant]}
     try:
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch_save(payload, tmp))
     except OSError as err:
         raise UserError(f"cannot write the resume state {path}: {err.strerror} (the state after layer "
                         f"{_saved_layers(run_dir, rank, world_size)[-1:] or 'none'} is kept)",

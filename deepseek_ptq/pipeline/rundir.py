@@ -28,7 +28,7 @@ from torch import nn
 
 from deepseek_ptq.common import natural_key
 from deepseek_ptq.errors import UserError
-from deepseek_ptq.files import write_json
+from deepseek_ptq.files import torch_save, write_json
 from deepseek_ptq.pipeline.metrics import METRICS, RunMetrics
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def save_amax(state: dict[str, torch.Tensor], run_dir: Path, rank: int, world_si
     """This rank's quantizer state (``amax_state``'s dict) as the run directory keeps it."""
     path = amax_path(run_dir, rank, world_size)
     path.parent.mkdir(exist_ok=True)
-    torch.save(state, path)
+    torch_save(state, path)  # a full disk raises its OSError
     return path
 
 
