@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -179,18 +179,20 @@ def uses_triton_swiglu(device: torch.device, swiglu: str) -> bool:
     return device.type == "cuda" and (swiglu == "triton" or (swiglu == "auto" and triton_swiglu_is_exact(device)))
 
 
-def swiglu_maxima(inputs: list[torch.Tensor], w13: torch.Tensor, experts: list[int], use_kernel: bool) -> torch.Tensor:
-    """For each (tokens, expert) pair, max |silu(x w1^T) * (x w3^T)| in x's dtype: the w2 input amax of the plain
-    path's calls (its two F.linear calls per expert, then torch's ops, or one Triton kernel that reads the two
-    GEMM outputs once and writes nothing: bf16 only)."""
+def swiglu_maxima(pairs: Iterable[tuple[torch.Tensor, int]], count: int, w13: torch.Tensor,
+                  use_kernel: bool) -> torch.Tensor:
+    """For each of ``count`` (tokens x, expert) pairs, max |silu(x w1^T) * (x w3^T)| in x's dtype: the w2 input
+    amax of the plain path's calls (its two F.linear calls per expert, then torch's ops, or one Triton kernel that
+    reads the two GEMM outputs once and writes nothing: bf16 only). ``pairs`` is consumed one at a time: a
+    generator holds one expert's tokens at a time."""
     inter = w13.shape[1] // 2
     if use_kernel:
-        bits = torch.zeros(len(experts), dtype=torch.int32, device=w13.device)
-        for i, (x, e) in enumerate(zip(inputs, experts)):
+        bits = torch.zeros(count, dtype=torch.int32, device=w13.device)
+        for i, (x, e) in enumerate(pairs):
             _triton("swiglu_absmax")(F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:]), out=bits[i:i + 1])
         return bits.view(torch.float32).to(torch.bfloat16)
     return torch.stack([swiglu_absmax_torch(F.linear(x, w13[e, :inter]), F.linear(x, w13[e, inter:]))
-                        for x, e in zip(inputs, experts)])
+                        for x, e in pairs])
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +262,7 @@ def all_token_stats(x: torch.Tensor, w13: torch.Tensor, stats: ExpertStats, swig
         return
     n_local = w13.shape[0]
     stats.w13[:n_local] = torch.maximum(stats.w13[:n_local], torch.linalg.vector_norm(x, float("inf")).float())
-    h_max = swiglu_maxima([x] * n_local, w13, list(range(n_local)), swiglu_kernel)
+    h_max = swiglu_maxima(((x, e) for e in range(n_local)), n_local, w13, swiglu_kernel)
     torch.maximum(stats.w2[:n_local], h_max.float(), out=stats.w2[:n_local])
 
 
@@ -276,17 +278,22 @@ def forced_token_stats(moe: MoE, x: torch.Tensor, forced: torch.Tensor, w13: tor
     segment = torch.where(local, forced - moe.experts_start, n_local).flatten()
     order = torch.argsort(segment, stable=True)  # by expert, tokens ascending within one (as torch.where gives)
     sizes = torch.zeros(n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(0, segment, torch.ones_like(segment))
-    seen, inputs = [], []
-    for e, rows in enumerate((order // k).split(sizes.tolist())[:n_local]):
-        if rows.numel() == 0:
-            continue  # no token: its calibrators stay as they are (the plain path makes no call)
-        seen.append(e)
-        inputs.append(x.index_select(0, rows))
-    if seen:
-        slots = torch.tensor(seen, device=x.device)
-        x_max = torch.stack([torch.linalg.vector_norm(xe, float("inf")) for xe in inputs])
-        stats.w13[slots] = torch.maximum(stats.w13[slots], x_max.float())
-        stats.w2[slots] = torch.maximum(stats.w2[slots], swiglu_maxima(inputs, w13, seen, swiglu_kernel).float())
+    # no token: its calibrators stay as they are (the plain path makes no call)
+    seen = [(e, rows) for e, rows in enumerate((order // k).split(sizes.tolist())[:n_local]) if rows.numel()]
+    if not seen:
+        return
+    x_max = []
+
+    def tokens() -> Iterator[tuple[torch.Tensor, int]]:  # one expert's tokens at a time
+        for e, rows in seen:
+            xe = x.index_select(0, rows)
+            x_max.append(torch.linalg.vector_norm(xe, float("inf")))
+            yield xe, e
+
+    h_max = swiglu_maxima(tokens(), len(seen), w13, swiglu_kernel)
+    slots = torch.tensor([e for e, _ in seen], device=x.device)
+    stats.w13[slots] = torch.maximum(stats.w13[slots], torch.stack(x_max).float())
+    stats.w2[slots] = torch.maximum(stats.w2[slots], h_max.float())
 
 
 class FastMoE:
