@@ -23,21 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deepseek_ptq.devtools.bench import median_seconds  # noqa: E402
 from deepseek_ptq.quant.fast import moe as fast_moe  # noqa: E402
-
-
-def median_ms(fn, reps: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> int:
@@ -84,7 +71,7 @@ def main() -> int:
     flops = 2 * 2 * t * inter * dim  # the two GEMMs of one expert
     for name, fn in variants.items():
         torch.cuda.reset_peak_memory_stats(dev)
-        ms = median_ms(fn) / e
+        ms = median_seconds(fn, dev, warmup=1, reps=7, inner=1) * 1e3 / e
         result[name] = {"ms_per_expert": round(ms, 4), "tflops_of_the_gemms": round(flops / ms / 1e9, 1),
                         "peak_gpu_gb": round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)}
     base = result["torch_ops"]["ms_per_expert"]

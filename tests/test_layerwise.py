@@ -106,7 +106,6 @@ def test_every_run_reports_peak_memory(tmp_path, cache_dir):
     assert "layerwise" not in m
 
 
-@pytest.mark.slow  # two spawned ranks, twice
 def test_peak_rss_is_the_runs_own_not_its_starters():
     """A process started by a large one (a test worker, a notebook) reports its own peak: Linux carries ru_maxrss
     across exec, which made two runs of 0.8 and 1.4 GB both read the pytest worker's 1.36 GB."""
@@ -118,6 +117,7 @@ def test_peak_rss_is_the_runs_own_not_its_starters():
     del ballast
 
 
+@pytest.mark.slow  # two spawned ranks, twice
 def test_streamed_run_equals_resident_run_at_w2(tmp_path, cache_dir):
     resident, streamed = tmp_path / "resident", tmp_path / "streamed"
     for run_dir, extra in ((resident, []), (streamed, ["calib.layerwise=true"])):
@@ -167,6 +167,17 @@ def _wait_for(path_glob: Path, pattern: str, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+def _killed_after_layer_2(run_dir: Path, overrides: list[str]) -> None:
+    """A streamed run in a subprocess, SIGKILLed as soon as its state after layer 2 is on disk."""
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast(overrides)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _wait_for(run_dir / "resume", "rank0-mp1-layer0002.pt")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("where", [
     [],
     # the resumed hidden states go from the file straight to pinned host memory
@@ -177,14 +188,7 @@ def test_run_killed_mid_stream_resumes_to_the_same_amax(tmp_path, cache_dir, whe
     overrides = [*EVAL, "calib=all_experts", "calib.layerwise=true", "logger=none", *where]
     whole = run_job(tmp_path / "whole", overrides)
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={run_dir}", *with_fast(overrides)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        _wait_for(run_dir / "resume", "rank0-mp1-layer0002.pt")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    _killed_after_layer_2(run_dir, overrides)
     assert metrics(run_dir)["status"] == "running"  # killed: nothing finished-looking
     assert not (run_dir / "amax").exists()
     # A state that another config wrote is refused, and kept.
@@ -212,13 +216,7 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_state(tmp_path, cache_dir)
     whole = run_job(tmp_path / "whole", overrides)
     # The sizes of the states after layers 1 and 2, from a run killed after writing them.
     sizes_dir = tmp_path / "sizes"
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ptq", f"hydra.run.dir={sizes_dir}", *with_fast(overrides)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        _wait_for(sizes_dir / "resume", "rank0-mp1-layer0002.pt")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    _killed_after_layer_2(sizes_dir, overrides)
     first, second = (os.path.getsize(sizes_dir / "resume" / f"rank0-mp1-layer000{k}.pt") for k in (1, 2))
     assert first < second
     limit = (first + second) // 2
