@@ -18,7 +18,18 @@ from conftest import with_fast
 from test_cli import metrics
 
 from deepseek_ptq.pipeline import rundir
-from deepseek_ptq.pipeline.launch import Peer, PeerLost, free_port, record_rank_failure
+from deepseek_ptq.pipeline.launch import (
+    STOPPED_DIR,
+    Peer,
+    PeerLost,
+    Team,
+    Terminated,
+    free_port,
+    join_team,
+    record_rank_failure,
+    restore_signals,
+    stop_on_signals,
+)
 
 # Long enough that the signal lands inside calibration (W=2 calibrates 32 batches in about 3 s here).
 LONGER = ["data.num_samples=128", "parallel.timeout_s=60"]
@@ -113,6 +124,38 @@ def test_killed_torchrun_rank_is_named(tmp_path, cache_dir):
     assert m["error"].startswith(f"rank 1 died (process {rank1} on "), m["error"]
     assert "Traceback" not in out.split("torch/distributed/elastic")[0], out[-3000:]  # (torchrun's own report follows)
     assert not _in_session(proc.pid)
+
+
+@pytest.mark.parametrize("peer_was_told_to_stop", [False, True], ids=["peer_killed", "peer_stopped_too"])
+def test_sigterm_after_a_peer_died_names_that_peer(tmp_path, peer_was_told_to_stop):
+    """torchrun's SIGTERM to a survivor may come before the survivor's collective notices the killed rank (a
+    CI run: the survivor was computing). Its handler names the rank whose process is gone, unless a signal told
+    that rank to stop too (a group's SIGTERM may end it first): then the signal is the run's failure."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # (reaped: its pid is free)
+    rundir.write_metrics(tmp_path, {"status": "running"})
+    if peer_was_told_to_stop:
+        (tmp_path / STOPPED_DIR).mkdir()
+        (tmp_path / STOPPED_DIR / "rank1").touch()
+    host = socket.gethostname()
+    previous = stop_on_signals(tmp_path)
+    join_team(Team(tmp_path, 0, [Peer(host, os.getpid()), Peer(host, gone.pid)]))
+    try:
+        with pytest.raises(Terminated) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # (the handler raises here)
+    finally:
+        join_team(None)
+        restore_signals(stop_on_signals(None))  # (this process's stop forgotten: later tests run in it)
+        restore_signals(previous)
+    m = metrics(tmp_path)
+    assert (tmp_path / STOPPED_DIR / "rank0").exists()  # this rank's note: its own exit is no death to blame
+    if peer_was_told_to_stop:
+        assert stop.value.peer_lost is None and m["error"] == str(stop.value) and "failed_rank" not in m, m
+    else:
+        assert m["failed_rank"] == 1 and m["error"].startswith(f"rank 1 died (process {gone.pid} on {host} "), m
+        assert m["error"].endswith("rank 0 lost it: stopped by SIGTERM (signal 15: another rank failed, or the "
+                                   "launcher or a scheduler stopped the run)"), m["error"]
 
 
 def test_lost_peer_on_another_host_is_not_blamed_on_the_survivor(tmp_path):

@@ -26,6 +26,7 @@ from deepseek_ptq.pipeline.launch import (
     check_local_gpus,
     joined_rank,
     let_rank0_record_first,
+    mark_stopped,
     rank_main,
     restore_signals,
     spawn,
@@ -129,8 +130,8 @@ def _record_failure(run_dir: Path, err: BaseException) -> None:
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     stop = terminated()
     if stop is not None:  # whatever the signal surfaced as (an extension may have replaced it): the run was stopped
-        log.error("%s", stop)
-        rundir.mark_failed(run_dir, stop)
+        log.error("%s", stop.reason)  # (a rank that died first is the run's failure, not the signal)
+        mark_stopped(run_dir, stop)
         sys.exit(stop.exit_code)  # 143 (SIGTERM) or 130 (SIGINT); a sweep ends here too
     rundir.mark_failed(run_dir, err)
     if isinstance(err, (UserError, RankFailed, PeerLost)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -61,9 +62,17 @@ class Terminated(BaseException):
         self.signum = signum
         why = "Ctrl-C" if signum == signal.SIGINT else "another rank failed, or the launcher or a scheduler stopped the run"
         super().__init__(f"stopped by {signal.Signals(signum).name} (signal {signum}: {why})")
+        # Set when the signal came after a rank on this host died unstopped (torchrun ending the survivors):
+        # that rank's death, not the signal, is the run's failure.
+        self.peer_lost: PeerLost | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return Terminated, (self.signum,)
+
+    @property
+    def reason(self) -> BaseException:
+        """What the run failed of: the rank that died first, if one did, else this stop."""
+        return self.peer_lost or self
 
     @property
     def exit_code(self) -> int:
@@ -73,6 +82,52 @@ class Terminated(BaseException):
 
 _terminated: Terminated | None = None
 _failing = False  # a failure is being recorded: the launcher's SIGTERM that follows it must not replace it
+
+
+@dataclass(frozen=True)
+class Team:
+    """This rank's place in a started job: what its signal handler needs to tell a launcher ending the survivors
+    of a killed rank from a stop meant for every rank."""
+
+    run_dir: Path
+    rank: int
+    peers: list[Peer]
+
+
+_team: Team | None = None
+# run_dir/.stopped/rank{r}: rank r was told to stop (a signal). Its exit is then not a death to blame on it: a
+# group's SIGTERM may end it before the survivor's handler runs.
+STOPPED_DIR = ".stopped"
+
+
+def join_team(team: Team | None) -> None:
+    global _team
+    _team = team
+
+
+def _told_to_stop(team: Team, rank: int) -> Path:
+    return team.run_dir / STOPPED_DIR / f"rank{rank}"
+
+
+def _note_told_to_stop(team: Team) -> None:
+    try:
+        path = _told_to_stop(team, team.rank)
+        path.parent.mkdir(exist_ok=True)
+        path.touch()
+    except OSError:  # (a full or read-only disk: the survivors may blame this rank, which is all that is lost)
+        pass
+
+
+def _died_unstopped(team: Team, stop: Terminated) -> PeerLost | None:
+    """A rank on this host whose process is gone though no signal told it to stop (SIGKILL, the OOM killer):
+    torchrun's SIGTERM to the survivors follows it, and may come before a survivor's collective notices."""
+    if rundir.read_metrics(team.run_dir).get("status") == "failed":  # (a rank that raised recorded why)
+        return None
+    host = socket.gethostname()
+    for r, peer in enumerate(team.peers):
+        if r != team.rank and peer.host == host and _dead(peer.pid) and not _told_to_stop(team, r).exists():
+            return PeerLost(team.rank, stop, r, peer)
+    return None
 
 
 def stop_on_signals(run_dir: Path | None, interrupt: bool = True) -> dict[int, Any]:
@@ -92,13 +147,22 @@ def stop_on_signals(run_dir: Path | None, interrupt: bool = True) -> dict[int, A
         global _terminated
         if _terminated is not None or _failing:
             return
-        _terminated = Terminated(signum)
+        stop = Terminated(signum)
+        if _team is not None:
+            _note_told_to_stop(_team)
+            stop.peer_lost = _died_unstopped(_team, stop)
+        _terminated = stop
         if run_dir is not None:
-            rundir.mark_failed(run_dir, _terminated)
+            mark_stopped(run_dir, stop)
         if interrupt:
             raise _terminated
 
     return {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+
+
+def mark_stopped(run_dir: Path, stop: Terminated) -> None:
+    """metrics.json for a stopped run: the rank that died first (``failed_rank``) if one did, else the signal."""
+    rundir.mark_failed(run_dir, stop.reason, stop.peer_lost.rank if stop.peer_lost else None)
 
 
 def restore_signals(previous: dict[int, Any]) -> None:
@@ -225,9 +289,9 @@ def record_rank_failure(err: BaseException, run_dir: Path | None, rank: int, pee
     stop = terminated()
     if stop is not None:  # whatever the stop surfaced as (a collective that a stopped peer left, ...)
         if rank != 0:  # (rank 0's stop is said once, by the process that records the run)
-            log.info("rank %d %s", rank, stop)
+            log.info("rank %d %s", rank, stop.reason)
         if run_dir is not None:
-            rundir.mark_failed(run_dir, stop)
+            mark_stopped(run_dir, stop)
         return stop
     dead = dead_peers(peers, rank, err) if peers and not isinstance(err, UserError) else []
     remote = any(peer.host != socket.gethostname() for peer in peers)
@@ -266,10 +330,13 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
             # Local CPU ranks share the cores: oversubscribed threads make every rank slower.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if world_size > 1:
+            if rank == 0 and run_dir is not None:  # (a resumed run's old notes; no rank writes one before the gather)
+                shutil.rmtree(run_dir / STOPPED_DIR, ignore_errors=True)
             _init_group(device, rank, world_size, cfg.parallel.timeout_s, init_method)
             shared = rundir.gather_to_all((Peer(socket.gethostname(), os.getpid()), str(run_dir) if rank == 0 else None),
                                           world_size)
             peers, run_dir = [peer for peer, _ in shared], Path(shared[0][1])
+            join_team(Team(run_dir, rank, peers))
         assert run_dir is not None
         rundir.setup_logging(run_dir, rank, cfg.log_level)
         log.info("rank %d of %d: pid %d on %s", rank, world_size, os.getpid(), socket.gethostname())
@@ -280,6 +347,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
             raise
         raise failure from (None if isinstance(failure, Terminated) else err)
     finally:
+        join_team(None)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -341,7 +409,7 @@ def spawn(cfg: Any, run_dir: Path) -> None:
     stop = terminated()
     if stop is not None:
         stop_ranks(context.processes, cfg.parallel.timeout_s)
-        rundir.mark_failed(run_dir, stop)  # (a rank that finished while the others stopped may have written "ok")
+        mark_stopped(run_dir, stop)  # (a rank that finished while the others stopped may have written "ok")
     _stop_resource_tracker()
     if stop is not None:
         raise stop
