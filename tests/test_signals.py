@@ -108,15 +108,25 @@ def test_signal_stops_every_rank_and_records_failed(tmp_path, cache_dir, world_s
 
 
 @pytest.mark.slow  # torchrun with two ranks
-def test_killed_torchrun_rank_is_named(tmp_path, cache_dir):
-    """The survivor's collective fails with gloo's "Connection reset by peer": the record names the rank that
-    died (its process is gone), not the survivor."""
+@pytest.mark.parametrize("survivor_paused", [False, True], ids=["collective_first", "sigterm_first"])
+def test_killed_torchrun_rank_is_named(tmp_path, cache_dir, survivor_paused):
+    """The survivor's collective fails with gloo's "Connection reset by peer", or torchrun's SIGTERM reaches it
+    first (paused here while rank 1 dies and torchrun stops the survivors; in a CI run it was computing): either
+    way the record names the rank that died (its process is gone), not the survivor."""
     run_dir = tmp_path / "run"
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = _start([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "deepseek_ptq",
                    f"hydra.run.dir={run_dir}", *with_fast(LONGER + ["parallel=mp2"])], tmp_path)
-    _, rank1 = _wait_for_calibration(proc, run_dir, 2)
+    rank0, rank1 = _wait_for_calibration(proc, run_dir, 2)
+    if survivor_paused:
+        os.kill(rank0, signal.SIGSTOP)
     os.kill(rank1, signal.SIGKILL)
+    if survivor_paused:
+        deadline = time.time() + 30
+        while _alive(rank1) and time.time() < deadline:  # (torchrun reaps it, then sends rank 0 its SIGTERM)
+            time.sleep(0.01)
+        time.sleep(1.0)
+        os.kill(rank0, signal.SIGCONT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
     m = metrics(run_dir)
