@@ -5,9 +5,10 @@
 #        kernel, resume with the hidden states on the host, the static-block backend against modelopt's kernel);
 #        the kernel against torch's ops at 671B shapes; resident vs streamed amax on 4 layers of 671B geometry
 #        (top-k); all-experts on 6 layers, 1024 x 512 tokens, 16 sequences a batch, hidden states on the host
-#   run: PART=B bash benchmarks/final_gpu.sh   (H100 or H200) the tiny default's static-block recipes (their amax
-#        come back, to compare with the CPU backend's runs); each recipe on 2 layers of 671B geometry against the
-#        default
+#   run: PART=B bash benchmarks/final_gpu.sh   (H100 or H200) the static-block backend against modelopt's kernel
+#        (tests/test_nvfp4_static.py -m gpu); each recipe on 2 layers of 671B geometry against the default; the
+#        tiny default's static-block recipes (their amax come back, for benchmarks/static_scales_compare.py
+#        against the CPU backend's runs)
 set -u
 STOP_AFTER=${STOP_AFTER:-540}
 . benchmarks/device_lib.sh
@@ -28,8 +29,12 @@ if [ "${PART:-A}" != B ]; then
   cp "$RUNS/l6_all_experts_b16_host/stats/layers.csv" "$OUT/l6_all_experts_b16_host_layers.csv" 2>/dev/null
 fi
 if [ "${PART:-A}" != A ]; then
+  # What no call has run yet comes first (the last call's time ran out before mse, local Hessian and the ratio);
+  # nvfp4 is the baseline every recipe is timed against, on the same machine.
+  step gpu_static_test 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_nvfp4_static.py
+  grep -hE "passed|failed|FAILED|Error|SKIP" "$RUNS"/gpu_static_test.log > "$OUT/gpu_static_test.txt"
   TWO="$SLICE model.n_layers=2 model.n_dense_layers=1 data.num_samples=32"
-  for q in nvfp4 nvfp4_experts nvfp4_routed_fp8_shared nvfp4_4o6 nvfp4_mse nvfp4_local_hessian; do
+  for q in nvfp4 nvfp4_mse nvfp4_local_hessian; do
     run "r_$q" 60 $TWO quant=$q
   done
   run r_ratio_0.5 40 $TWO quant=nvfp4 calib.experts_ratio=0.5
@@ -39,6 +44,9 @@ if [ "${PART:-A}" != A ]; then
       hydra.run.dir="$RUNS/tiny_$q"
   done
   (cd "$RUNS" && tar czf "$OUT/tiny_static_gpu.tgz" tiny_*/amax tiny_*/metrics.json tiny_*/run.log 2>/dev/null)
+  for q in nvfp4_experts nvfp4_routed_fp8_shared nvfp4_4o6; do  # (measured on an H100 already)
+    run "r_$q" 60 $TWO quant=$q
+  done
 fi
 python3 benchmarks/layerwise_results.py "$RUNS" > "$OUT/results.json"; tail -c 3000 "$OUT/results.json"
 cat "$OUT/steps.txt"
