@@ -26,6 +26,7 @@ from deepseek_ptq.pipeline.launch import (
     Terminated,
     free_port,
     join_team,
+    leave_team,
     record_rank_failure,
     restore_signals,
     stop_on_signals,
@@ -136,31 +137,35 @@ def test_killed_torchrun_rank_is_named(tmp_path, cache_dir, survivor_paused):
     assert not _in_session(proc.pid)
 
 
-@pytest.mark.parametrize("peer_was_told_to_stop", [False, True], ids=["peer_killed", "peer_stopped_too"])
-def test_sigterm_after_a_peer_died_names_that_peer(tmp_path, peer_was_told_to_stop):
+@pytest.mark.parametrize("peer", ["killed", "told_to_stop", "finished"])
+def test_sigterm_after_a_peer_died_names_that_peer(tmp_path, peer):
     """torchrun's SIGTERM to a survivor may come before the survivor's collective notices the killed rank (a
     CI run: the survivor was computing). Its handler names the rank whose process is gone, unless a signal told
-    that rank to stop too (a group's SIGTERM may end it first): then the signal is the run's failure."""
+    that rank to stop too (a group's SIGTERM may end it first), or the job's last collective is behind them
+    (the other ranks finish while rank 0 writes the results): then the signal is the run's failure."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # (reaped: its pid is free)
     rundir.write_metrics(tmp_path, {"status": "running"})
-    if peer_was_told_to_stop:
+    if peer == "told_to_stop":
         (tmp_path / STOPPED_DIR).mkdir()
         (tmp_path / STOPPED_DIR / "rank1").touch()
     host = socket.gethostname()
     previous = stop_on_signals(tmp_path)
     join_team(Team(tmp_path, 0, [Peer(host, os.getpid()), Peer(host, gone.pid)]))
+    if peer == "finished":
+        leave_team()
     try:
         with pytest.raises(Terminated) as stop:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)  # (the handler raises here)
     finally:
-        join_team(None)
+        leave_team()
         restore_signals(stop_on_signals(None))  # (this process's stop forgotten: later tests run in it)
         restore_signals(previous)
     m = metrics(tmp_path)
-    assert (tmp_path / STOPPED_DIR / "rank0").exists()  # this rank's note: its own exit is no death to blame
-    if peer_was_told_to_stop:
+    # this rank's note (its own exit is no death to blame), while it is in the job
+    assert (tmp_path / STOPPED_DIR / "rank0").exists() == (peer != "finished")
+    if peer != "killed":
         assert stop.value.peer_lost is None and m["error"] == str(stop.value) and "failed_rank" not in m, m
     else:
         assert m["failed_rank"] == 1 and m["error"].startswith(f"rank 1 died (process {gone.pid} on {host} "), m

@@ -29,6 +29,7 @@ from deepseek_ptq.pipeline import resume, rundir
 from deepseek_ptq.pipeline.calibrated import calibrate_resident
 from deepseek_ptq.pipeline.config import eval_enabled
 from deepseek_ptq.pipeline.data import make_batches
+from deepseek_ptq.pipeline.launch import leave_team
 from deepseek_ptq.pipeline.rundir import gather_to_all, save_amax, write_quant_summary
 from deepseek_ptq.pipeline.stream import calibrate_streamed
 from deepseek_ptq.quant.forced_routing import statistics_experts
@@ -69,6 +70,7 @@ def _run(cfg: Any, run_dir: Path, par: Parallel, device: torch.device, tracker: 
     save_amax(result.amax, run_dir, par.rank, par.world_size)
     gathered = gather_to_all({**result.record, "memory": memory.peaks(device), "layers": result.layers},
                              par.world_size)
+    leave_team()  # (the last collective: the other ranks finish now, while rank 0 writes the results)
     if not rank0:
         return
     timings = dict(result.timings)

@@ -100,9 +100,16 @@ _team: Team | None = None
 STOPPED_DIR = ".stopped"
 
 
-def join_team(team: Team | None) -> None:
+def join_team(team: Team) -> None:
     global _team
     _team = team
+
+
+def leave_team() -> None:
+    """From here on no peer's exit is a failure of the run: every rank is past its last collective (after the
+    job's final gather, ranks other than 0 finish while rank 0 writes the results), or this rank is leaving."""
+    global _team
+    _team = None
 
 
 def _told_to_stop(team: Team, rank: int) -> Path:
@@ -347,7 +354,7 @@ def rank_main(cfg: Any, run_dir: Path | None, rank: int, world_size: int, local_
             raise
         raise failure from (None if isinstance(failure, Terminated) else err)
     finally:
-        join_team(None)
+        leave_team()
         if dist.is_initialized():
             dist.destroy_process_group()
 
