@@ -130,10 +130,9 @@ def _died_unstopped(team: Team, stop: Terminated) -> PeerLost | None:
     torchrun's SIGTERM to the survivors follows it, and may come before a survivor's collective notices."""
     if rundir.read_metrics(team.run_dir).get("status") == "failed":  # (a rank that raised recorded why)
         return None
-    host = socket.gethostname()
-    for r, peer in enumerate(team.peers):
-        if r != team.rank and peer.host == host and _dead(peer.pid) and not _told_to_stop(team, r).exists():
-            return PeerLost(team.rank, stop, r, peer)
+    for r in dead_peers(team.peers, team.rank, stop):  # (no wait: a signal is no lost connection)
+        if not _told_to_stop(team, r).exists():
+            return PeerLost(team.rank, stop, r, team.peers[r])
     return None
 
 
