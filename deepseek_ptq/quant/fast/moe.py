@@ -152,9 +152,10 @@ def moe_combine(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, com
     return _triton("moe_combine")(out, pos, weights) if use_kernel else moe_combine_torch(out, pos, weights)
 
 
-def swiglu_absmax_torch(a1: torch.Tensor, a3: torch.Tensor) -> torch.Tensor:
-    """max |silu(a1) * a3| as the plain path's w2 input quantizer sees it (torch's ops, each result in a1's dtype)."""
-    return torch.linalg.vector_norm(F.silu(a1) * a3, float("inf"))
+def swiglu_absmax_torch(a1: torch.Tensor, a3: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """max |silu(a1) * a3| as the plain path's w2 input quantizer sees it (torch's ops, each result in a1's dtype);
+    ``dim``: one per slice along it, else one over all."""
+    return torch.linalg.vector_norm(F.silu(a1) * a3, float("inf"), dim=dim)
 
 
 @functools.cache
@@ -169,7 +170,7 @@ def triton_swiglu_is_exact(device: torch.device) -> bool:
     a1, a3 = ((torch.randn(8192, 128, generator=gen, device=device) * scale).bfloat16() for _ in range(2))
     try:
         got = kernel(a1, a3, segment_rows=1, block_rows=1, block_cols=128).view(torch.float32).to(torch.bfloat16)
-        return bool(torch.equal(got, torch.linalg.vector_norm(F.silu(a1) * a3, float("inf"), dim=1)))
+        return bool(torch.equal(got, swiglu_absmax_torch(a1, a3, dim=1)))
     except Exception:  # a kernel that does not compile or run here: the torch ops do the work
         return False
 
